@@ -1,0 +1,3 @@
+from interplab.cli import main
+
+main()
