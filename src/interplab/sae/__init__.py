@@ -1,0 +1,62 @@
+"""Sparse autoencoders: families (ReLU, TopK, BatchTopK, JumpReLU), training on activation
+streams, activation-only metrics, and folders in interplab's, SAELens' and sparsify's layouts.
+
+Names load on first use, so importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "SAEConfig": "interplab.sae.config",
+    "FAMILIES": "interplab.sae.config",
+    "SAE": "interplab.sae.model",
+    "SAEOutput": "interplab.sae.model",
+    "geometric_median": "interplab.sae.model",
+    "TrainConfig": "interplab.sae.train",
+    "train_sae": "interplab.sae.train",
+    "train_saes": "interplab.sae.train",
+    "SAEMetrics": "interplab.sae.metrics",
+    "MetricsAccumulator": "interplab.sae.metrics",
+    "evaluate_sae": "interplab.sae.metrics",
+    "ce_loss_recovered": "interplab.sae.metrics",
+    "fraction_of_variance_unexplained": "interplab.sae.metrics",
+    "SAEFormatError": "interplab.sae.formats",
+    "save_sae": "interplab.sae.formats",
+    "load_sae": "interplab.sae.formats",
+    "detect_layout": "interplab.sae.formats",
+    "save_saelens": "interplab.sae.formats",
+    "load_saelens": "interplab.sae.formats",
+    "load_sparsify": "interplab.sae.formats",
+    "saelens_hook_to_site": "interplab.sae.formats",
+    "sparsify_hookpoint_to_site": "interplab.sae.formats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interplab.sae' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from interplab.sae.config import FAMILIES, SAEConfig
+    from interplab.sae.formats import (
+        SAEFormatError, detect_layout, load_sae, load_saelens, load_sparsify, save_sae,
+        save_saelens, saelens_hook_to_site, sparsify_hookpoint_to_site,
+    )
+    from interplab.sae.metrics import (
+        MetricsAccumulator, SAEMetrics, ce_loss_recovered, evaluate_sae,
+        fraction_of_variance_unexplained,
+    )
+    from interplab.sae.model import SAE, SAEOutput, geometric_median
+    from interplab.sae.train import TrainConfig, train_sae, train_saes

@@ -1,0 +1,563 @@
+"""Training SAEs on a stream of activation batches.
+
+`train_saes` trains one or more SAEs (any mix of sizes and families, all with the same d_in) on one
+iterator of (batch, d_in) tensors; `train_sae` is the one-SAE wrapper. Per step and per SAE:
+
+    lr     = base_lr · (linear warm-up over the first lr_warmup_fraction of steps,
+                        linear decay to 0 over the last lr_decay_fraction)      (Anthropic, April 2024)
+    loss   = sae(x, dead_mask, sparsity_scale).loss   (sparsity_scale: linear warm-up of λ from 0)
+    loss.backward(); remove the decoder-parallel gradient; clip the gradient norm; Adam step;
+    renormalise the decoder rows / clamp θ ≥ 0; a latent is dead once it has not fired for
+    dead_after_tokens tokens (Gao et al. 2024), and dead latents feed TopK's AuxK loss.
+
+With `out_dir`, metrics go to out_dir/log.jsonl (one JSON object per SAE and logging step) and to
+TensorBoard when installed; checkpoints go to out_dir/checkpoints/step_XXXXXXXX (written to a
+temporary folder, then renamed into place); the trained SAEs to out_dir/<name>/.
+
+Resuming (`resume=True`) loads the newest checkpoint, then consumes and discards the batches that
+were already trained on, so give it a stream that yields the same batches in the same order as
+the first run: the result then equals an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from interplab.sae.config import SAEConfig
+from interplab.sae.formats import load_sae, save_sae
+from interplab.sae.metrics import evaluate_sae, fraction_of_variance_unexplained
+from interplab.sae.model import B_DEC_INITS, SAE, SAEOutput
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (shared by every SAE trained from one stream)."""
+
+    n_steps: int
+    """Number of optimiser steps, one per activation batch."""
+
+    lr: float | None = None
+    """Adam learning rate; None picks 2e-4 / √(d_sae / 2¹⁴) per SAE (the scaling of Gao et al. 2024,
+    as in sparsify)."""
+
+    adam_beta1: float = 0.9
+    """Adam β₁."""
+
+    adam_beta2: float = 0.999
+    """Adam β₂."""
+
+    lr_warmup_fraction: float = 0.01
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+
+    lr_decay_fraction: float = 0.2
+    """Fraction of the steps at the end over which the learning rate falls linearly to 0
+    (Anthropic's April 2024 update uses the last 20%)."""
+
+    sparsity_warmup_fraction: float = 0.05
+    """Fraction of the steps over which the L1 (relu) or L0 (jumprelu) coefficient rises linearly
+    from 0 (Anthropic's April 2024 update uses 5%)."""
+
+    grad_clip_norm: float | None = 1.0
+    """Clip the gradient's global norm to this value; None disables clipping."""
+
+    b_dec_init: str = "geometric_median"
+    """Decoder bias at the start: 'geometric_median' (Bricken et al. 2023), 'mean' or 'zeros' of
+    the first batches (after input normalisation)."""
+
+    n_init_batches: int = 4
+    """Batches read ahead to estimate the input scale and b_dec; they are then trained on as usual."""
+
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens is dead (Gao et al. use 10M)."""
+
+    dense_threshold: float = 0.1
+    """Firing frequency above which evaluation counts a latent as dense."""
+
+    log_every: int = 100
+    """Write training metrics every this many steps (and at the last step)."""
+
+    eval_every: int = 0
+    """Evaluate on `eval_batches` every this many steps (0: only at the end, if they are given)."""
+
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: none); needs an out_dir."""
+
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+
+    seed: int = 0
+    """Seed of the weight initialisation (SAE number i uses seed + i)."""
+
+    device: str = "cpu"
+    """Device the SAEs train on ('cpu', 'cuda', 'cuda:1', ...); batches are moved there."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    tensorboard: bool = True
+    """Also write metrics for TensorBoard into out_dir/tensorboard, when tensorboard is installed."""
+
+    def __post_init__(self) -> None:
+        problems = _train_config_problems(self)
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+_RESUMABLE_CHANGES = {"progress", "tensorboard", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device"}
+"""TrainConfig fields that may differ between a run and its resumption (they do not change results)."""
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / √(d_sae / 2¹⁴): the learning-rate scaling of Gao et al. 2024 (as used by sparsify)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at 0-based `step`: linear warm-up, flat, linear decay to 0."""
+    warmup = round(cfg.lr_warmup_fraction * cfg.n_steps)
+    decay = round(cfg.lr_decay_fraction * cfg.n_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay and step >= cfg.n_steps - decay:
+        return (cfg.n_steps - step) / decay
+    return 1.0
+
+
+def sparsity_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the L1/L0 coefficient at 0-based `step`: linear warm-up from 0, then 1."""
+    warmup = round(cfg.sparsity_warmup_fraction * cfg.n_steps)
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+@dataclass
+class _Run:
+    """One SAE being trained and its optimiser state."""
+
+    name: str
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    tokens_since_fired: Tensor
+
+
+def train_sae(
+    sae_config: SAEConfig,
+    batches: Iterable[Tensor],
+    train_config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    eval_batches: Sequence[Tensor] | None = None,
+    resume: bool = False,
+) -> SAE:
+    """Train one SAE on a stream of (batch, d_in) activation tensors; see `train_saes`.
+    With out_dir, the trained SAE is saved to out_dir/sae."""
+    return train_saes(
+        {"sae": sae_config}, batches, train_config, out_dir=out_dir, eval_batches=eval_batches, resume=resume
+    )["sae"]
+
+
+def train_saes(
+    sae_configs: Mapping[str, SAEConfig] | Sequence[SAEConfig],
+    batches: Iterable[Tensor],
+    train_config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    eval_batches: Sequence[Tensor] | None = None,
+    resume: bool = False,
+) -> dict[str, SAE]:
+    """Train several SAEs on one stream of (batch, d_in) activation tensors; returns them by name.
+
+    sae_configs: {name: SAEConfig}, or a list (named '<family>_<d_sae>').
+    batches: any iterable of float tensors (batch, d_in); one batch per step, read once.
+    eval_batches: held-out batches for periodic and final evaluation (`evaluate_sae`).
+    out_dir: folder for log.jsonl, TensorBoard, checkpoints and the trained SAEs (out_dir/<name>).
+    resume: continue from the newest checkpoint in out_dir (see the module docstring); with no
+        checkpoint there yet, start from scratch.
+    """
+    configs = _named_configs(sae_configs)
+    out = _check_train_call(configs, train_config, out_dir, eval_batches, resume)
+    checkpoint = _latest_checkpoint(out) if resume and out is not None else None
+    stream = iter(batches)
+    if checkpoint is not None:
+        runs, step, tokens = _resume_runs(checkpoint, configs, train_config)
+        _skip_batches(stream, step)
+    else:
+        _refuse_existing_run(out)
+        stream, runs = _fresh_runs(configs, stream, train_config)
+        step = tokens = 0
+    if out is not None:
+        _write_run_file(out / RUN_FILE, configs, train_config)
+    logger = _MetricsLog(out, train_config, resume_step=step)
+    try:
+        _train_loop(runs, stream, train_config, step, tokens, out, logger, eval_batches)
+    finally:
+        logger.close()
+    if out is not None:
+        for run in runs:
+            save_sae(run.sae, out / run.name)
+    return {run.name: run.sae for run in runs}
+
+
+def _train_loop(
+    runs: list[_Run], stream: Iterator[Tensor], cfg: TrainConfig, step: int, tokens: int,
+    out: Path | None, logger: _MetricsLog, eval_batches: Sequence[Tensor] | None,
+) -> None:
+    """The loop: one batch per step, every SAE steps on it; log, evaluate and checkpoint on schedule."""
+    from tqdm.auto import tqdm
+
+    d_in = runs[0].sae.cfg.d_in
+    started, start_tokens = time.perf_counter(), tokens
+    with tqdm(total=cfg.n_steps, initial=step, disable=not cfg.progress, unit="step", desc="SAE") as bar:
+        while step < cfg.n_steps:
+            x = next(stream, None)
+            if x is None:
+                warnings.warn(f"the activation stream ended after {step} of {cfg.n_steps} steps", stacklevel=3)
+                break
+            _check_batch(x, d_in, step)
+            x = x.to(cfg.device, non_blocking=True)
+            step, tokens = step + 1, tokens + x.shape[0]
+            outputs = {run.name: _train_step(run, x, step, cfg) for run in runs}
+            speed = (tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+            if step % cfg.log_every == 0 or step == cfg.n_steps:
+                records = [_train_record(run, x, outputs[run.name], step, tokens, cfg) for run in runs]
+                logger.write([{**r, "tokens_per_s": speed} for r in records])
+                bar.set_postfix(loss=f"{records[0]['loss']:.4g}", fvu=f"{records[0]['fvu']:.3f}")
+            if eval_batches and (step == cfg.n_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                logger.write([_eval_record(run, eval_batches, step, tokens, cfg) for run in runs])
+            if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _save_checkpoint(out, runs, step, tokens, cfg)
+            bar.update(1)
+
+
+def _train_step(run: _Run, x: Tensor, step: int, cfg: TrainConfig) -> SAEOutput:
+    """One optimiser step of one SAE on batch x (step is 1-based)."""
+    sae = run.sae
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.base_lr * lr_factor(step - 1, cfg)
+    dead = run.tokens_since_fired >= cfg.dead_after_tokens
+    out = sae(x, dead_mask=dead, sparsity_scale=sparsity_factor(step - 1, cfg))
+    out.loss.backward()
+    sae.project_decoder_grad_()
+    if cfg.grad_clip_norm is not None:
+        nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sae.apply_constraints_()
+    with torch.no_grad():
+        run.tokens_since_fired += x.shape[0]
+        run.tokens_since_fired[out.fired()] = 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Starting, resuming and checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+def _fresh_runs(
+    configs: dict[str, SAEConfig], stream: Iterator[Tensor], cfg: TrainConfig
+) -> tuple[Iterator[Tensor], list[_Run]]:
+    """New SAEs, initialised from the first batches, which are put back in front of the stream."""
+    first = list(itertools.islice(stream, cfg.n_init_batches))
+    if not first:
+        raise ValueError("the activation stream yielded no batch")
+    d_in = next(iter(configs.values())).d_in
+    for i, x in enumerate(first):
+        _check_batch(x, d_in, i)
+    sample = torch.cat([x.reshape(-1, d_in) for x in first])
+    runs = []
+    for i, (name, sae_cfg) in enumerate(configs.items()):
+        sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
+        sae.init_from_data_(sample, b_dec=cfg.b_dec_init)
+        runs.append(_new_run(name, sae.to(cfg.device), cfg))
+    return itertools.chain(first, stream), runs
+
+
+def _new_run(name: str, sae: SAE, cfg: TrainConfig) -> _Run:
+    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
+    fused = sae.W_enc.device.type in ("cpu", "cuda")  # one kernel per step: ~4x faster than per-tensor Adam
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
+    tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=cfg.device)
+    return _Run(name, sae, optimizer, base_lr, tokens_since_fired)
+
+
+def _save_checkpoint(out: Path, runs: list[_Run], step: int, tokens: int, cfg: TrainConfig) -> Path:
+    """Write checkpoints/step_XXXXXXXX through a temporary folder renamed into place, then prune."""
+    root = out / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        for run in runs:
+            save_sae(run.sae, tmp / run.name)
+        state = {
+            "step": step,
+            "tokens": tokens,
+            "runs": {
+                run.name: {"optimizer": run.optimizer.state_dict(), "tokens_since_fired": run.tokens_since_fired}
+                for run in runs
+            },
+        }
+        torch.save(state, tmp / TRAINER_STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders start with a dot and are skipped)."""
+    root = out / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def _resume_runs(
+    checkpoint: Path, configs: dict[str, SAEConfig], cfg: TrainConfig
+) -> tuple[list[_Run], int, int]:
+    """Rebuild every run from a checkpoint, after checking it belongs to this training setup."""
+    _check_same_setup(checkpoint.parent.parent / RUN_FILE, configs, cfg)
+    state = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True, map_location=cfg.device)
+    runs = []
+    for name in configs:
+        run = _new_run(name, load_sae(checkpoint / name).to(cfg.device), cfg)
+        run.optimizer.load_state_dict(state["runs"][name]["optimizer"])
+        run.tokens_since_fired.copy_(state["runs"][name]["tokens_since_fired"])
+        runs.append(run)
+    return runs, int(state["step"]), int(state["tokens"])
+
+
+def _skip_batches(stream: Iterator[Tensor], n: int) -> None:
+    """Consume the n batches a resumed run has already trained on."""
+    skipped = sum(1 for _ in itertools.islice(stream, n))
+    if skipped < n:
+        raise ValueError(
+            f"cannot resume: the checkpoint is at step {n} but the activation stream has only {skipped} "
+            "batches; give the same stream as the interrupted run"
+        )
+
+
+def _write_run_file(path: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"train_config": dataclasses.asdict(cfg), "sae_configs": {n: c.to_dict() for n, c in configs.items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_same_setup(run_file: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
+    if not run_file.is_file():
+        raise ValueError(f"cannot resume: {run_file} is missing, so the checkpoint's setup is unknown")
+    saved = json.loads(run_file.read_text())
+    if saved["sae_configs"] != {n: c.to_dict() for n, c in configs.items()}:
+        raise ValueError(
+            f"cannot resume: the SAE configs differ from those in {run_file}; resume with the same "
+            "configs or train into a new out_dir"
+        )
+    current = dataclasses.asdict(cfg)
+    changed = sorted(
+        k for k, v in saved["train_config"].items() if k not in _RESUMABLE_CHANGES and current.get(k) != v
+    )
+    if changed:
+        raise ValueError(
+            f"cannot resume: TrainConfig fields {changed} differ from {run_file}; only "
+            f"{sorted(_RESUMABLE_CHANGES)} may change when resuming"
+        )
+
+
+def _refuse_existing_run(out: Path | None) -> None:
+    if out is not None and _checkpoints(out):
+        raise ValueError(
+            f"{out} already holds checkpoints of a training run; pass resume=True to continue it, "
+            "or choose another out_dir"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics logging
+# --------------------------------------------------------------------------------------------
+
+
+def _train_record(run: _Run, x: Tensor, out: SAEOutput, step: int, tokens: int, cfg: TrainConfig) -> dict[str, Any]:
+    record: dict[str, Any] = {"kind": "train", "step": step, "tokens": tokens, "sae": run.name}
+    record["lr"] = run.optimizer.param_groups[0]["lr"]
+    record["loss"] = float(out.loss.detach())
+    record.update({name: float(value.detach()) for name, value in out.losses.items()})
+    record["fvu"] = fraction_of_variance_unexplained(x, out.reconstruction.detach())
+    record["l0"] = float(out.l0().mean())
+    record["dead_fraction"] = float((run.tokens_since_fired >= cfg.dead_after_tokens).double().mean())
+    return record
+
+
+def _eval_record(run: _Run, batches: Sequence[Tensor], step: int, tokens: int, cfg: TrainConfig) -> dict[str, Any]:
+    metrics = evaluate_sae(run.sae, batches, dense_threshold=cfg.dense_threshold)
+    return {"kind": "eval", "step": step, "tokens": tokens, "sae": run.name, **metrics.to_dict()}
+
+
+class _MetricsLog:
+    """Appends records to log.jsonl (dropping lines past a resumed step) and to TensorBoard."""
+
+    def __init__(self, out: Path | None, cfg: TrainConfig, *, resume_step: int) -> None:
+        self.path = out / LOG_FILE if out is not None else None
+        if self.path is not None:
+            _truncate_log(self.path, resume_step)
+        self.writer = _tensorboard_writer(out, resume_step) if out is not None and cfg.tensorboard else None
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for record in records:
+                for key, value in record.items():
+                    if key not in ("kind", "step", "sae") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{record['sae']}/{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_log(path: Path, resume_step: int) -> None:
+    """Fresh run: start an empty log. Resumed run: keep only the lines up to the checkpoint's step."""
+    kept = []
+    if resume_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(out: Path, resume_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (before any work starts)
+# --------------------------------------------------------------------------------------------
+
+
+def _named_configs(sae_configs: Mapping[str, SAEConfig] | Sequence[SAEConfig]) -> dict[str, SAEConfig]:
+    if isinstance(sae_configs, SAEConfig):
+        raise TypeError("train_saes takes several configs ({name: SAEConfig} or a list); use train_sae for one")
+    if isinstance(sae_configs, Mapping):
+        named = dict(sae_configs)
+    else:
+        named = {}
+        for cfg in sae_configs:
+            base = f"{getattr(cfg, 'family', 'sae')}_{getattr(cfg, 'd_sae', '')}"
+            name, n = base, 2
+            while name in named:
+                name, n = f"{base}_{n}", n + 1
+            named[name] = cfg
+    if not named:
+        raise ValueError("give at least one SAEConfig to train")
+    for name, cfg in named.items():
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"SAE {name!r}: expected an SAEConfig, got {type(cfg).__name__}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in (CHECKPOINTS_DIR, "tensorboard"):
+            raise ValueError(
+                f"SAE name {name!r} must be a folder name of letters, digits, '_', '.', '-' "
+                f"(and not {CHECKPOINTS_DIR!r} or 'tensorboard')"
+            )
+    d_ins = {cfg.d_in for cfg in named.values()}
+    if len(d_ins) > 1:
+        raise ValueError(f"SAEs trained on one stream must share d_in; got {sorted(d_ins)}")
+    return named
+
+
+def _check_train_call(
+    configs: dict[str, SAEConfig], cfg: TrainConfig, out_dir: str | Path | None,
+    eval_batches: Sequence[Tensor] | None, resume: bool,
+) -> Path | None:
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(cfg).__name__}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs the out_dir that holds the checkpoints")
+    if cfg.checkpoint_every and out_dir is None:
+        raise ValueError("checkpoint_every needs an out_dir to write checkpoints to")
+    if eval_batches is not None:
+        d_in = next(iter(configs.values())).d_in
+        for i, x in enumerate(eval_batches):
+            _check_batch(x, d_in, i, what="eval batch")
+    return Path(out_dir) if out_dir is not None else None
+
+
+def _check_batch(x: Any, d_in: int, index: int, *, what: str = "batch") -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{what} {index} must be a float tensor of shape (batch, {d_in}), got {type(x).__name__}"
+                        + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
+    if x.dim() != 2 or x.shape[1] != d_in or x.shape[0] == 0:
+        raise ValueError(f"{what} {index} has shape {tuple(x.shape)}; the SAEs need (batch, {d_in}) with batch > 0")
+
+
+def _train_config_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+
+    def positive_int(name: str, minimum: int = 1) -> None:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"{name} must be an int >= {minimum}, got {value!r}")
+
+    positive_int("n_steps")
+    positive_int("n_init_batches")
+    positive_int("dead_after_tokens")
+    positive_int("log_every")
+    positive_int("keep_checkpoints")
+    positive_int("eval_every", 0)
+    positive_int("checkpoint_every", 0)
+    positive_int("seed", 0)
+    if cfg.lr is not None and not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < math.inf):
+        problems.append(f"lr must be a positive number or None, got {cfg.lr!r}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)!r}")
+    for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction", "dense_threshold"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)!r}")
+    if cfg.lr_warmup_fraction + cfg.lr_decay_fraction > 1:
+        problems.append("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
+    if cfg.grad_clip_norm is not None and not cfg.grad_clip_norm > 0:
+        problems.append(f"grad_clip_norm must be > 0 or None, got {cfg.grad_clip_norm!r}")
+    try:
+        torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        problems.append(f"device {cfg.device!r} is not a torch device such as 'cpu' or 'cuda'")
+    if cfg.b_dec_init not in B_DEC_INITS:
+        problems.append(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {cfg.b_dec_init!r}")
+    return problems
