@@ -1,0 +1,402 @@
+"""Changing what a model does with SAE features.
+
+Interventions (subclasses of `interplab.interventions.Intervention`, so they compose with
+`intervene` and with each other, and take the foundation's absolute `positions`):
+
+- `steer_feature`:  x ← x + α·d_i, with d_i = W_dec[i] / s the change one unit of latent i makes
+  to the SAE's reconstruction in the model's own units (s is the SAE's input scale);
+  α is therefore in units of the latent's activation (Templeton et al. 2024, "Scaling
+  Monosemanticity", steer by clamping or adding multiples of a feature's maximum activation).
+- `clamp_feature`:  f = enc(x); f' = f with f_i ← v; x ← dec(f') + (x − dec(f)), i.e. the SAE's
+  reconstruction error is added back so that only latent i changes: x ← x + (v − f_i)·d_i
+  (Templeton et al. 2024). Without the error term, x ← dec(f').
+- `ablate_feature`: the clamp with v = 0.
+- `splice_sae`:     x ← dec(enc(x)), or with the error term dec(enc(x)) + (x − dec(enc(x))) = x.
+
+`FeatureLogitBias` is a transformers LogitsProcessor for `generate()`: it adds α·b_i to the
+next-token logits, where b_i is latent i's vocabulary effect W_U(γ ⊙ r_i) (see
+`interplab.sae.features`) centred over the vocabulary and scaled so its largest entry is 1
+(α is then the boost, in nats, of the token the latent promotes most). It leaves the forward
+pass untouched; with `only_when_active` it reads (never writes) the site to apply the bias only
+on rows whose current token activates the latent.
+
+`compare_steering` puts activation steering, clamping and the logit bias side by side: the
+probability gained by a target concept (tokens) against the damage, the increase of the
+cross-entropy on neutral text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformers import LogitsProcessor
+
+from interplab.hooks import HookSession
+from interplab.interventions import Intervention, intervene
+from interplab.models.handle import LoadedModel, as_loaded
+from interplab.positions import as_positions
+from interplab.sae.downstream import flat_site, forward_loss, resolve_sae_site
+from interplab.sae.features import _check_feature, feature_vocab_effect
+from interplab.sae.model import SAE
+from interplab.sae.store import Harvester, special_token_ids
+from interplab.sites import Site
+
+METHODS = ("steer", "clamp", "logit_bias", "logit_bias_active")
+"""Methods `compare_steering` evaluates."""
+
+
+def decoder_direction(sae: SAE, feature: int) -> Float[Tensor, " d_in"]:
+    """d_i = W_dec[i] / s: what one unit of latent i adds to the reconstruction, in model units."""
+    _check_feature(feature, sae.cfg.d_sae)
+    return sae.W_dec.detach()[feature] / sae.input_scale
+
+
+# --------------------------------------------------------------------------------------------
+# Interventions
+# --------------------------------------------------------------------------------------------
+
+
+class _SAEIntervention(Intervention):
+    """Checks the SAE against the site before any hook exists; applies `_edit` at the selected positions."""
+
+    sae: SAE
+
+    def validate(self, site: Site, model: LoadedModel) -> None:
+        super().validate(site, model)
+        resolve_sae_site(model, self.sae, site.name)
+        self.positions = as_positions(self.positions)
+
+    def __call__(self, act: Tensor, ctx) -> Tensor:
+        flat = flat_site(act)  # (batch, seq, ...) -> (batch, seq, d_in)
+        with torch.no_grad():
+            new = self._edit(flat)
+        mask = ctx.mask(act, self.positions)[..., None]
+        return torch.where(mask, new.to(act.dtype), flat).view_as(act)
+
+    def _edit(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class SteerFeature(_SAEIntervention):
+    """x ← x + α·d_i (see the module docstring)."""
+
+    sae: SAE
+    feature: int
+    alpha: float
+    positions: object = None
+
+    def validate(self, site, model):
+        _check_feature(self.feature, self.sae.cfg.d_sae)
+        _check_finite("alpha", self.alpha)
+        super().validate(site, model)
+
+    def _edit(self, x):
+        return x + self.alpha * decoder_direction(self.sae, self.feature).to(device=x.device, dtype=x.dtype)
+
+
+@dataclass(eq=False)
+class ClampFeatures(_SAEIntervention):
+    """Set latents to `value` through the SAE; with `keep_error`, x ← x + (f' − f) W_dec / s, so
+    nothing but those latents changes; without it, x ← dec(f')."""
+
+    sae: SAE
+    features: tuple[int, ...]
+    value: float
+    positions: object = None
+    keep_error: bool = True
+
+    def validate(self, site, model):
+        for feature in self.features:
+            _check_feature(feature, self.sae.cfg.d_sae)
+        _check_finite("value", self.value)
+        super().validate(site, model)
+
+    def _edit(self, x):
+        acts = self.sae.encode(x)
+        index = list(self.features)
+        if not self.keep_error:
+            edited = acts.clone()
+            edited[..., index] = self.value
+            return self.sae.decode(edited)
+        change = self.value - acts[..., index]  # (batch, seq, n_features)
+        delta = change @ self.sae.W_dec[index] / self.sae.input_scale
+        return x + delta.to(x.dtype)
+
+
+@dataclass(eq=False)
+class SpliceSAE(_SAEIntervention):
+    """x ← dec(enc(x)); with `keep_error`, the reconstruction error is added back (x ← x̂ + (x − x̂))."""
+
+    sae: SAE
+    keep_error: bool = False
+    positions: object = None
+
+    def _edit(self, x):
+        x_hat = self.sae.decode(self.sae.encode(x)).to(x.dtype)
+        return x_hat + (x - x_hat) if self.keep_error else x_hat
+
+
+def steer_feature(sae: SAE, feature: int, *, alpha: float, positions=None) -> SteerFeature:
+    """Add α times latent `feature`'s decoder direction (α in units of the latent's activation)."""
+    return SteerFeature(sae, feature, alpha, positions)
+
+
+def clamp_feature(sae: SAE, feature: int | Sequence[int], value: float, *, positions=None,
+                  keep_error: bool = True) -> ClampFeatures:
+    """Set one latent (or several) to `value`, keeping the SAE's error term unless told otherwise."""
+    features = (feature,) if isinstance(feature, int) else tuple(feature)
+    return ClampFeatures(sae, features, value, positions, keep_error)
+
+
+def ablate_feature(sae: SAE, feature: int | Sequence[int], *, positions=None, keep_error: bool = True) -> ClampFeatures:
+    """Set latents to zero (a clamp to 0)."""
+    return clamp_feature(sae, feature, 0.0, positions=positions, keep_error=keep_error)
+
+
+def splice_sae(sae: SAE, *, keep_error: bool = False, positions=None) -> SpliceSAE:
+    """Replace the activation by the SAE's reconstruction (plus its error when keep_error)."""
+    return SpliceSAE(sae, keep_error, positions)
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The logit bias
+# --------------------------------------------------------------------------------------------
+
+
+def vocab_bias(model, sae: SAE, feature: int, *, site: str | None = None, fold_norm: bool = True) -> Float[Tensor, " vocab"]:
+    """b_i: latent i's vocabulary effect, centred over the vocabulary and scaled to a maximum of 1."""
+    effect = feature_vocab_effect(model, sae, feature, site=site, fold_norm=fold_norm).float()
+    centred = effect - effect.mean()
+    top = float(centred.max())
+    if not top > 0:
+        raise ValueError(f"latent {feature}'s vocabulary effect is flat; it promotes no token, so there is no bias to add")
+    return centred / top
+
+
+class FeatureLogitBias(LogitsProcessor):
+    """Next-token logits ← logits + α·b_i (see the module docstring).
+
+    >>> bias = FeatureLogitBias(model, sae, 123, alpha=4.0)
+    >>> interplab.generate(model, prompts, logits_processor=LogitsProcessorList([bias]))
+
+    With `only_when_active=True`, wrap generation in `with bias:` so it can read the latent's
+    activation on the current token (a read-only hook at the SAE's site).
+    """
+
+    def __init__(self, model, sae: SAE, feature: int, *, alpha: float, only_when_active: bool = False,
+                 threshold: float = 0.0, site: str | None = None, fold_norm: bool = True) -> None:
+        self.model = as_loaded(model)
+        self.site = resolve_sae_site(self.model, sae, site)
+        _check_feature(feature, sae.cfg.d_sae)
+        _check_finite("alpha", alpha)
+        self.sae, self.feature, self.alpha = sae, feature, float(alpha)
+        self.only_when_active, self.threshold = only_when_active, float(threshold)
+        self.bias = vocab_bias(self.model, sae, feature, site=self.site.name, fold_norm=fold_norm)
+        self.active: Tensor | None = None
+        """(batch,) bool: whether the latent fired on each row's current token (only_when_active)."""
+        self._session: HookSession | None = None
+
+    def __enter__(self) -> "FeatureLogitBias":
+        if self.only_when_active:
+            self._session = HookSession(self.model, {self.site: [self._watch]}).attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._session is not None:
+            self._session.remove()
+            self._session = None
+        self.active = None
+
+    def _watch(self, act: Tensor, ctx) -> None:
+        with torch.no_grad():
+            last = flat_site(act)[:, -1]  # (batch, d_in): the token whose next token is being chosen
+            self.active = self.sae.encode(last)[:, self.feature] > self.threshold
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        bias = self.alpha * self.bias.to(device=scores.device, dtype=scores.dtype)
+        if not self.only_when_active:
+            return scores + bias
+        if self.active is None or self.active.shape[0] != scores.shape[0]:
+            raise RuntimeError("FeatureLogitBias(only_when_active=True) reads the latent during the forward pass: "
+                               "run generate inside `with bias:`")
+        return scores + self.active.to(scores.device)[:, None] * bias
+
+    def apply_to_logits(self, logits: Float[Tensor, "... vocab"], active: Tensor | None = None) -> Tensor:
+        """logits + α·b_i at every position (only where `active`, a bool tensor of logits.shape[:-1])."""
+        bias = self.alpha * self.bias.to(device=logits.device, dtype=logits.dtype)
+        return logits + (bias if active is None else active[..., None].to(logits.device) * bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Steering methods compared
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    """One method at one strength: target-concept gain against damage on neutral text."""
+
+    method: str
+    strength: float
+    """α for 'steer' (latent units), the clamp value for 'clamp', α in nats for the logit biases."""
+    target_prob: float
+    """Mean probability, over the prompts, that the next token is one of the target tokens."""
+    target_gain: float
+    """target_prob − that of the unmodified model."""
+    neutral_ce: float
+    """Next-token cross-entropy on the neutral windows (nats)."""
+    damage: float
+    """neutral_ce − that of the unmodified model."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SteeringComparison:
+    feature: int
+    site: str
+    target_tokens: list[str]
+    clean_target_prob: float
+    clean_neutral_ce: float
+    max_activation: float
+    """The latent's largest activation on the neutral windows (the scale of the steer/clamp grid)."""
+    results: list[SteeringResult] = field(default_factory=list)
+
+
+@torch.no_grad()
+def compare_steering(
+    model,
+    sae: SAE,
+    feature: int,
+    prompts: Sequence[str],
+    neutral_windows: Tensor,
+    *,
+    site: str | None = None,
+    target_tokens: Sequence[str] | None = None,
+    n_target_tokens: int = 10,
+    multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
+    bias_strengths: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0),
+    methods: Sequence[str] = METHODS,
+    batch_size: int = 8,
+) -> SteeringComparison:
+    """Target-concept probability gain vs damage (CE on neutral text) for activation steering,
+    clamping and the logit bias. Steer α and clamp values are `multipliers` × the latent's maximum
+    activation on the neutral windows; the biases use `bias_strengths` (nats). Targets: the given
+    tokens, else the latent's `n_target_tokens` most promoted tokens."""
+    model = as_loaded(model)
+    resolved = resolve_sae_site(model, sae, site)
+    _check_feature(feature, sae.cfg.d_sae)
+    _check_compare_inputs(prompts, neutral_windows, methods)
+    targets = _target_ids(model, sae, feature, resolved, target_tokens, n_target_tokens)
+    prompt_batch = _prompt_batch(model, prompts)
+    activity = _feature_activity(model, sae, resolved, feature, neutral_windows, batch_size)
+    scale = float(activity.max()) if bool((activity > 0).any()) else math.sqrt(sae.cfg.d_in) / 2
+    clean_prob = _target_prob(model, prompt_batch, targets, None)
+    clean_ce = forward_loss(model, neutral_windows, batch_size=batch_size)
+    comparison = SteeringComparison(feature, resolved.name, [model.tokenizer.decode([t]) for t in targets.tolist()],
+                                    clean_prob, clean_ce, scale)
+    for method in methods:
+        strengths = bias_strengths if method.startswith("logit_bias") else [m * scale for m in multipliers]
+        for strength in strengths:
+            prob, ce = _evaluate_method(model, sae, feature, resolved, method, strength, prompt_batch, targets,
+                                        neutral_windows, activity, batch_size)
+            comparison.results.append(SteeringResult(method, strength, prob, prob - clean_prob, ce, ce - clean_ce))
+    return comparison
+
+
+def _check_compare_inputs(prompts, windows, methods) -> None:
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty texts")
+    if not isinstance(windows, Tensor) or windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError("neutral_windows must be a (n, seq) tensor of token ids with seq >= 2 "
+                         "(see interplab.sae.store.corpus_windows)")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be taken from {list(METHODS)}, got {list(methods)}")
+
+
+def _target_ids(model, sae, feature, site, target_tokens, n) -> Tensor:
+    if target_tokens:
+        tokenizer = model.require_tokenizer()
+        ids = []
+        for word in target_tokens:
+            for variant in (word, " " + word.strip()):
+                pieces = tokenizer(variant, add_special_tokens=False)["input_ids"]
+                if pieces:
+                    ids.append(pieces[0])
+        return torch.tensor(sorted(set(ids)), dtype=torch.long)
+    effect = feature_vocab_effect(model, sae, feature, site=site.name)
+    return effect.topk(min(n, effect.shape[0])).indices
+
+
+def _prompt_batch(model: LoadedModel, prompts: Sequence[str]):
+    from interplab.tokens import to_batch
+
+    return to_batch(model, list(prompts), side="left")
+
+
+def _target_prob(model: LoadedModel, batch, targets: Tensor, bias: FeatureLogitBias | None, active=None) -> float:
+    """Mean probability of the target tokens as the next token after each prompt."""
+    logits = model.hf(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
+                      use_cache=False).logits[:, -1].float()
+    if bias is not None:
+        logits = bias.apply_to_logits(logits, active)
+    return float(logits.softmax(-1)[:, targets.to(logits.device)].sum(-1).mean())
+
+
+def _feature_activity(model, sae, site, feature, windows, batch_size) -> Float[Tensor, "n seq"]:
+    """The latent's activation on every token of the windows (0 on special tokens)."""
+    harvester = Harvester(model, [site.name], drop_special_tokens=False)
+    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
+    rows = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        x = harvester.run(ids, start).acts[site.name].view(*ids.shape, -1)  # (b * seq, d) -> (b, seq, d)
+        rows.append(sae.encode(x)[..., feature].float() * ~torch.isin(ids, special))
+    return torch.cat(rows)
+
+
+def _evaluate_method(model, sae, feature, site, method, strength, prompt_batch, targets, windows, activity,
+                     batch_size) -> tuple[float, float]:
+    if method in ("steer", "clamp"):
+        fn = steer_feature(sae, feature, alpha=strength) if method == "steer" else clamp_feature(sae, feature, strength)
+        with intervene(model, {site.name: fn}):
+            return (_target_prob(model, prompt_batch, targets, None),
+                    forward_loss(model, windows, batch_size=batch_size))
+    bias = FeatureLogitBias(model, sae, feature, alpha=strength, site=site.name)
+    only_active = method == "logit_bias_active"
+    prompt_active = None
+    if only_active:
+        prompt_active = _feature_activity(model, sae, site, feature, prompt_batch.input_ids, batch_size)[:, -1] > 0
+    return (_target_prob(model, prompt_batch, targets, bias, prompt_active),
+            _biased_loss(model, windows, bias, activity > 0 if only_active else None, batch_size))
+
+
+def _biased_loss(model: LoadedModel, windows: Tensor, bias: FeatureLogitBias, active: Tensor | None,
+                 batch_size: int) -> float:
+    """Cross-entropy on the windows with the bias added to the logits (special targets skipped)."""
+    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
+    total, n = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+        mask = None if active is None else active[start:start + batch_size, :-1]
+        log_probs = F.log_softmax(bias.apply_to_logits(logits, mask), dim=-1).cpu()
+        targets = ids[:, 1:]
+        scored = ~torch.isin(targets, special)
+        total += float(-log_probs.gather(-1, targets[..., None])[..., 0][scored].sum())
+        n += int(scored.sum())
+    return total / max(n, 1)
