@@ -67,6 +67,10 @@ def tiny_model(model_type: str, seed: int = 0, attn_implementation: str = "eager
     config = tiny_config(model_type)
     config._attn_implementation = attn_implementation
     hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    # transformers 5 adds its own output-recording hooks on the first call that asks for hidden
+    # states or attentions; make that call now so hook counts in tests do not depend on order.
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([[3, 4]]), output_hidden_states=True, output_attentions=True)
     handle = LoadedModel.wrap(hf, word_tokenizer())
     handle.name = f"tiny-{model_type}"
     return handle

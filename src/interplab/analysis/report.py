@@ -1,0 +1,183 @@
+"""Results as labelled grids: tables (CSV, JSON) and PNG heatmaps.
+
+Every analysis in this package returns a `Grid`: a 2-D table of numbers with a
+label per row and per column (layers x positions, layers x heads, ...). `save`
+writes it atomically as `<stem>.csv`, `<stem>.json` and `<stem>.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Grid:
+    """A labelled table of numbers, e.g. the recovery of every (layer, position) patch."""
+
+    values: Float[Tensor, "rows cols"]
+    """The numbers shown (recovery, metric change, contribution ...); NaN where undefined."""
+    row_labels: list[str]
+    """One label per row (e.g. "blocks.3.hook_resid_pre" or "L3")."""
+    col_labels: list[str]
+    """One label per column (e.g. "5: Mary" or "H4")."""
+    title: str = ""
+    """What the grid shows, used as the plot title."""
+    value_name: str = "value"
+    """Name of the numbers (e.g. "recovery", "change in logit_diff")."""
+    raw: Tensor | None = None
+    """Optional second grid of the same shape (e.g. the metric before normalising)."""
+    meta: dict = field(default_factory=dict)
+    """JSON-able facts about the run (metric, clean and corrupted baselines, model ...)."""
+
+    def __post_init__(self) -> None:
+        rows, cols = self.values.shape
+        if (rows, cols) != (len(self.row_labels), len(self.col_labels)):
+            raise ValueError(f"grid values are {rows}x{cols} but there are {len(self.row_labels)} "
+                             f"row and {len(self.col_labels)} column labels")
+
+    def cell(self, row: str | int, col: str | int) -> float:
+        """The value at a row and column given by label or index."""
+        r = self.row_labels.index(row) if isinstance(row, str) else row
+        c = self.col_labels.index(col) if isinstance(col, str) else col
+        return float(self.values[r, c])
+
+    def top(self, k: int = 10, *, largest: bool = True) -> list[tuple[str, str, float]]:
+        """The k cells with the largest (or smallest) values, NaN skipped."""
+        flat = self.values.flatten()
+        order = torch.argsort(flat, descending=largest)
+        cells = []
+        for i in order.tolist():
+            value = float(flat[i])
+            if math.isnan(value):
+                continue
+            cells.append((self.row_labels[i // len(self.col_labels)], self.col_labels[i % len(self.col_labels)], value))
+            if len(cells) == k:
+                break
+        return cells
+
+    def to_csv(self) -> str:
+        """Wide table: one line per row label, one column per column label."""
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["", *self.col_labels])
+        for label, row in zip(self.row_labels, self.values.tolist()):
+            writer.writerow([label, *(_fmt(v) for v in row)])
+        return out.getvalue()
+
+    def to_json(self) -> dict:
+        data = {"format_version": FORMAT_VERSION, "title": self.title, "value_name": self.value_name,
+                "rows": self.row_labels, "cols": self.col_labels, "values": _nan_to_none(self.values),
+                "meta": self.meta}
+        if self.raw is not None:
+            data["raw"] = _nan_to_none(self.raw)
+        return data
+
+    def save(self, folder: str | Path, stem: str, *, plot: bool = True) -> dict[str, Path]:
+        """Write `<stem>.csv`, `<stem>.json` and (with `plot`) `<stem>.png` into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json"}
+        write_atomic(paths["csv"], self.to_csv().encode())
+        write_atomic(paths["json"], json.dumps(self.to_json(), indent=1).encode())
+        if plot:
+            paths["png"] = folder / f"{stem}.png"
+            heatmap(self, paths["png"])
+        return paths
+
+
+def _fmt(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def _nan_to_none(t: Tensor) -> list:
+    return [[None if math.isnan(v) else v for v in row] for row in t.tolist()]
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside `path`, then move it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_atomic(path, json.dumps({"format_version": FORMAT_VERSION, **data}, indent=1).encode())
+
+
+def _figure(width_cells: int, height_cells: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = min(max(4.0, 0.45 * width_cells + 2.5), 40.0)
+    height = min(max(3.0, 0.3 * height_cells + 1.5), 40.0)
+    return plt, plt.subplots(figsize=(width, height))
+
+
+def heatmap(grid: Grid, path: str | Path, *, annotate: list[list[str]] | None = None) -> Path:
+    """A heatmap written atomically as PNG: diverging and centred at 0 (red positive, blue negative),
+    or white-to-red when no value is negative. `annotate` puts a text in each cell (e.g. the logit
+    lens's top token)."""
+    rows, cols = grid.values.shape
+    plt, (fig, ax) = _figure(cols, rows)
+    values = grid.values.float().numpy()
+    finite = values[~(values != values)]  # drop NaN
+    bound = float(abs(finite).max()) if finite.size else 1.0
+    bound = bound or 1.0
+    if finite.size and finite.min() >= 0:
+        image = ax.imshow(values, cmap="Reds", vmin=0, vmax=bound, aspect="auto")
+    else:
+        image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(cols), grid.col_labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), grid.row_labels, fontsize=7)
+    ax.set_title(grid.title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=grid.value_name)
+    if annotate is not None:
+        for r, line in enumerate(annotate):
+            for c, text in enumerate(line):
+                ax.text(c, r, text, ha="center", va="center", fontsize=5)
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def scatter(x: Tensor, y: Tensor, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """A scatter plot with the y = x line (for attribution vs true patching)."""
+    plt, (fig, ax) = _figure(10, 12)
+    ax.scatter(x.flatten().numpy(), y.flatten().numpy(), s=8)
+    lo = float(torch.minimum(x.min(), y.min()))
+    hi = float(torch.maximum(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return Path(path)
