@@ -77,3 +77,18 @@ def test_streaming_callback_receives_the_text():
 def test_bad_prompts(prompts, match):
     with pytest.raises(ValueError, match=match):
         generate(tiny_model("llama"), prompts)
+
+
+def test_second_prompt_in_one_block_gets_its_own_prompt_length():
+    """Two different forward passes inside one `with`: positions relative to the prompt end
+    (-1 = last prompt token) must follow each prompt, not the first one seen."""
+    model = tiny_model("llama")
+    site = "blocks.0.hook_resid_post"
+    v = torch.ones(model.d_model)
+    long_ids, short_ids = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
+    base = interplab.capture(model, site, short_ids)[site]
+    with intervene(model, {site: add_vector(v, positions=Positions.at(-1))}):
+        interplab.capture(model, site, long_ids)
+        got = interplab.capture(model, site, short_ids)[site]
+    delta = (got - base).abs().sum(-1)[0]
+    assert delta[2] > 0 and torch.all(delta[:2] == 0)

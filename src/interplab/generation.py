@@ -56,7 +56,8 @@ def generate(
     with padding_side(tokenizer, "left"):
         enc = tokenizer(formatted, return_tensors="pt", padding=True,
                         add_special_tokens=not _template_used(model, chat))
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    # only ids and mask: transformers 4.x rejects extra tokenizer outputs such as token_type_ids
+    enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask")}
     if seed is not None:
         torch.manual_seed(seed)
     sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}

@@ -49,10 +49,11 @@ class PositionTracker:
 
     def __init__(self) -> None:
         self.positions: Tensor | None = None  # (batch, seq) long, -1 on padding
-        self.prompt_len: Tensor | None = None  # (batch,) real tokens in the first forward
+        self.prompt_len: Tensor | None = None  # (batch,) real tokens in the current prompt
+        self._last_input: Tensor | None = None
 
     def reset(self) -> None:
-        self.positions = self.prompt_len = None
+        self.positions = self.prompt_len = self._last_input = None
 
     def on_forward(self, module, args, kwargs) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -68,9 +69,22 @@ class PositionTracker:
         else:
             past = _past_length(kwargs)
             positions = (torch.arange(seq, device=tokens.device) + past).expand(batch, seq)
-        if self.prompt_len is None or self.prompt_len.shape[0] != batch:
+        if not self._continues(tokens, kwargs):
             self.prompt_len = (positions >= 0).sum(-1)
         self.positions = positions
+
+    def _continues(self, tokens: Tensor, kwargs) -> bool:
+        """True when this forward extends the previous sequence (a generate() step): it has a
+        cache, or (without one) its input starts with the previous input. Anything else is a
+        new prompt, whose real-token count becomes the prompt length."""
+        previous, self._last_input = self._last_input, tokens.detach()
+        if self.prompt_len is None or self.prompt_len.shape[0] != tokens.shape[0]:
+            return False
+        if _past_length(kwargs) > 0:
+            return True
+        return (previous is not None and previous.shape[0] == tokens.shape[0]
+                and tokens.shape[1] > previous.shape[1]
+                and torch.equal(tokens[:, :previous.shape[1]], previous))
 
 
 def _past_length(kwargs) -> int:

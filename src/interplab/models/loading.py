@@ -131,6 +131,9 @@ def _resolve_alias(alias: Alias) -> str:
                 "folder that holds models/ and data/"
             )
         return str(path)
+    converted = cache_root() / alias.name
+    if (converted / "config.json").exists():
+        return str(converted)
     gguf = find_packaged_gguf(alias)
     if gguf is not None:
         return str(convert_gguf_once(alias, gguf))
@@ -218,10 +221,19 @@ def _from_pretrained(source: str, dtype, attn_implementation: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
-        tokenizer = None
+        tokenizer = _fast_tokenizer_file(source)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _fast_tokenizer_file(source: str):
+    """A tokenizer.json read directly, for a folder whose tokenizer class this transformers
+    version does not know (e.g. saved by transformers 5 and read by 4.x)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(source) / "tokenizer.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(path)) if path.exists() else None
 
 
 def _not_found_message(source: str, why: str) -> str:
