@@ -28,10 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; steadier on a busy machine)
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def interleaved(variants: dict, repeats: int) -> dict[str, float]:
@@ -52,7 +55,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter; cpu: process CPU time (use on a machine shared with other jobs)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
     import transformers
@@ -83,7 +90,7 @@ def main() -> None:
         interplab.capture(model, sites, ids, batch_size=args.batch)
 
     forward = interleaved({"hf": hf_forward, "capture+logits": capture_logits, "capture": capture_early}, args.repeats)
-    print(f"\nforward on {args.batch}x{args.seq} tokens (median of {args.repeats}):")
+    print(f"\nforward on {args.batch}x{args.seq} tokens (median of {args.repeats}, {args.clock} clock):")
     print(f"  plain HF forward                        {forward['hf'] * 1e3:8.1f} ms")
     print(f"  capture all {len(sites)} hook_resid_post, logits {forward['capture+logits'] * 1e3:8.1f} ms   "
           f"ratio {forward['capture+logits'] / forward['hf']:.3f}  (target <= 1.05)")
@@ -103,7 +110,7 @@ def main() -> None:
             interplab.generate(model, prompt, **gen_kwargs)
 
     gen = interleaved({"plain": plain_generate, "steered": steered_generate}, args.repeats)
-    print(f"\ngenerate {args.new_tokens} tokens, KV cache (median of {args.repeats}):")
+    print(f"\ngenerate {args.new_tokens} tokens, KV cache (median of {args.repeats}, {args.clock} clock):")
     print(f"  plain generate                          {gen['plain'] * 1e3:8.1f} ms")
     print(f"  steered (1 vector at layer {layer})          {gen['steered'] * 1e3:8.1f} ms   "
           f"ratio {gen['steered'] / gen['plain']:.3f}  (target <= 1.03)")

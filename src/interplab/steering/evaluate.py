@@ -53,6 +53,7 @@ class SweepRow:
     p_ab: float
     """Mean probability mass on the two letters (low values: the model is not answering)."""
     n_items: int
+    """Items averaged."""
 
 
 @dataclass(frozen=True)

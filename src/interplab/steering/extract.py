@@ -77,7 +77,9 @@ class LayerScore:
     norm: float
     """Norm of the layer's vector (fitted on all pairs)."""
     n_train: int
+    """Pairs the scoring direction was fitted on."""
     n_test: int
+    """Held-out pairs it was scored on."""
 
 
 @dataclass(frozen=True)
