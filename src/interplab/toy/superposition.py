@@ -341,7 +341,7 @@ class SuperpositionReport:
         return {"config": self.config, "notes": self.notes, "instances": [asdict(r) for r in self.instances]}
 
 
-def evaluate_loss(run: SuperpositionRun, *, batch_size: int = 100_000, seed: int = 1234) -> Float[Tensor, "instances"]:
+def evaluate_loss(run: SuperpositionRun, *, batch_size: int = 20_000, seed: int = 1234) -> Float[Tensor, "instances"]:
     """Per-instance loss on one large fresh batch (less noisy than the training log)."""
     config = run.config
     generator = torch.Generator().manual_seed(seed)
