@@ -6,8 +6,9 @@ load on first use of the attribute that needs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from interplab._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -36,15 +37,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'interplab' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('interplab', _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover

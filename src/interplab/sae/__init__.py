@@ -6,8 +6,9 @@ Names load on first use, so importing this package does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from interplab._lazy import lazy_attributes
 
 _EXPORTS = {
     "SAEConfig": "interplab.sae.config",
@@ -63,15 +64,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'interplab.sae' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('interplab.sae', _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover

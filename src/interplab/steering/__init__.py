@@ -15,8 +15,7 @@ Names are imported lazily (nothing heavy happens at import).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from interplab._lazy import lazy_attributes
 
 _EXPORTS = {
     "SteeringVector": "interplab.steering.vector",
@@ -49,12 +48,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'interplab.steering' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('interplab.steering', _EXPORTS, __all__)

@@ -9,8 +9,7 @@ Names are imported lazily, so importing this package does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from interplab._lazy import lazy_attributes
 
 _EXPORTS = {
     "SuperpositionConfig": "interplab.toy.superposition",
@@ -36,12 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'interplab.toy' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('interplab.toy', _EXPORTS, __all__)
