@@ -178,3 +178,74 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break           # torn tail: the process was killed while appending it
             raise ArtifactError(f"{path}: line {i + 1} is not valid JSON; the log is damaged") from None
     return records
+
+
+# --- digests and config fields -----------------------------------------------------------------
+
+DIGEST_PREFIX = "sha256:"
+
+
+def tensors_digest(tensors: dict) -> str:
+    """A digest of a dict of tensors (names, dtypes, shapes and bytes), independent of file layout.
+
+    Written into an artifact's config beside its tensors and checked at load, it catches a config
+    and a tensor file that do not belong together (a half-finished write, a hand-copied file)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return DIGEST_PREFIX + digest.hexdigest()[:32]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks), in the same form as `tensors_digest`."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return DIGEST_PREFIX + digest.hexdigest()[:32]
+
+
+def check_digest(expected: Any, actual: str, config_path: str | os.PathLike, tensors_path: str | os.PathLike) -> None:
+    """Refuse tensors whose digest differs from the one recorded in the config (None: not recorded,
+    as in files written before digests existed)."""
+    if expected is None:
+        return
+    if expected != actual:
+        raise ArtifactError(f"{tensors_path} does not belong to {config_path}: the config records tensor "
+                            f"digest {expected} but the file holds {actual} (a half-finished write, or files "
+                            "copied from different artifacts); write the artifact again")
+
+
+def config_field(config: dict, key: str, types: type | tuple, path: str | os.PathLike, *,
+                 default: Any = ..., what: str = "config") -> Any:
+    """`config[key]` after checking its type; a missing or mistyped field is an `ArtifactError`
+    naming the field and the file (instead of a KeyError/TypeError later)."""
+    if key not in config:
+        if default is not ...:
+            return default
+        raise ArtifactError(f"{path}: the {what} lacks the field {key!r}; the file is damaged or was "
+                            "not written by interplab")
+    value = config[key]
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+        names = " or ".join(t.__name__ for t in wanted)
+        raise ArtifactError(f"{path}: field {key!r} of the {what} must be {names}, got "
+                            f"{type(value).__name__} {value!r}")
+    return value
+
+
+def check_replaceable(path: str | os.PathLike, is_same_kind: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace an existing non-empty folder that is not a `what` (an atomic folder write
+    swaps out the whole folder, so writing a vector into ``runs/`` must not delete ``runs/``)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not is_same_kind(path):
+        raise ArtifactError(f"{path} is a folder that holds other files and is not a {what}; "
+                            f"writing the {what} there would replace them: choose a new or empty folder")

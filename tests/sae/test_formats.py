@@ -283,7 +283,7 @@ def test_corrupt_or_truncated_safetensors_names_the_file(tmp_path, damage, layou
     weights = tmp_path / ("sae.safetensors" if layout == "interplab" else "sae_weights.safetensors")
     data = weights.read_bytes()
     weights.write_bytes({"garbage": b"\x07not a safetensors file" * 10, "truncated": data[: len(data) // 2], "empty": b""}[damage])
-    with pytest.raises(SAEFormatError, match=rf"{weights.name} could not be read as safetensors.*corrupt or truncated"):
+    with pytest.raises(SAEFormatError, match=rf"{weights.name} is not a readable safetensors.*truncated or corrupt"):
         load_sae(tmp_path)
 
 

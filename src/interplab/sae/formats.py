@@ -13,10 +13,7 @@ sparsify     cfg.json + sae.safetensors  (encoder.weight (d_sae, d_in), encoder.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab.errors import ArtifactError
+from interplab.files import (atomic_folder, check_digest, check_replaceable, load_tensors, read_json_object,
+                             save_tensors, tensors_digest, write_json)
 from interplab.sae.config import SAEConfig
 from interplab.sae.model import SAE
 
@@ -53,7 +53,7 @@ SUPPORTED_SITES = tuple(p.replace(r"\d+", "{i}").replace("\\", "") for p in _SIT
 """Site names (TransformerLens vocabulary) an SAE read from another library may be attached to."""
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(ArtifactError):
     """An SAE folder or file that cannot be read or written as asked."""
 
 
@@ -63,14 +63,35 @@ class SAEFormatError(ValueError):
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
-    """Write `sae` as an interplab folder (config.json + sae.safetensors), each file atomically."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach() for name, t in sae.state_dict().items()}
-    _write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "interplab.sae"})
-    config = {"format_version": FORMAT_VERSION, "type": "interplab.sae", "config": sae.cfg.to_dict()}
-    _write_json(folder / CONFIG_FILE, config)
+    """Write `sae` as an interplab folder (config.json + sae.safetensors), swapped in as a whole: a
+    failure leaves the previous SAE (or nothing), never new weights under an old config."""
+    tensors = {name: t.detach().cpu() for name, t in sae.state_dict().items()}
+    config = {"format_version": FORMAT_VERSION, "type": "interplab.sae", "config": sae.cfg.to_dict(),
+              "tensors_digest": tensors_digest(tensors)}
+    return _write_folder(Path(path), {WEIGHTS_FILE: (tensors, {"format": "interplab.sae"})}, {CONFIG_FILE: config})
+
+
+def sae_digest(sae: SAE) -> str:
+    """The digest of the SAE's parameters (as `save_sae` records it): its identity for a feature index."""
+    return tensors_digest(sae.state_dict())
+
+
+def _write_folder(folder: Path, tensor_files: dict, json_files: dict) -> Path:
+    check_replaceable(folder, _is_sae_folder, "SAE folder")
+    with atomic_folder(folder) as tmp:
+        for name, (tensors, metadata) in tensor_files.items():
+            save_tensors(tmp / name, tensors, metadata)
+        for name, data in json_files.items():
+            write_json(tmp / name, data)
     return folder
+
+
+def _is_sae_folder(folder: Path) -> bool:
+    try:
+        detect_layout(folder)
+    except SAEFormatError:
+        return False
+    return True
 
 
 def load_sae(path: str | Path, *, site: str | None = None) -> SAE:
@@ -123,7 +144,20 @@ def _load_interplab(folder: Path) -> SAE:
     except (TypeError, ValueError) as error:
         raise SAEFormatError(f"{config_file}: {error}") from error
     tensors = _read_safetensors(folder / WEIGHTS_FILE)
-    return _build(cfg, tensors, folder / WEIGHTS_FILE)
+    sae = _build(cfg, tensors, folder / WEIGHTS_FILE)  # names and shapes first: the clearer message
+    _check_digest(data.get("tensors_digest"), tensors, config_file, folder / WEIGHTS_FILE)
+    return sae
+
+
+def _check_digest(expected: Any, tensors: dict[str, Tensor] | str, config_file: Path, weights_file: Path) -> None:
+    """Refuse weights that are not the ones the config was written with (when it records a digest)."""
+    if expected is not None and not isinstance(expected, str):
+        raise SAEFormatError(f"{config_file}: tensors_digest must be a string, got {expected!r}")
+    actual = tensors if isinstance(tensors, str) else tensors_digest(tensors)
+    try:
+        check_digest(expected, actual, config_file, weights_file)
+    except ArtifactError as error:
+        raise SAEFormatError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,17 +180,21 @@ def load_saelens(path: str | Path, *, site: str | None = None) -> SAE:
     family = _saelens_family(raw, config_file)
     _check_saelens_normalization(raw, config_file)
     metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SAEFormatError(f"{config_file}: field 'metadata' must be a JSON object, got {type(metadata).__name__}")
     if metadata.get("hook_head_index", raw.get("hook_head_index")) is not None:
         raise SAEFormatError(f"{config_file}: SAEs on a single attention head (hook_head_index) are not supported")
     hook_name = metadata.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
     site = _resolve_site(site, hook_name, saelens_hook_to_site, config_file)
     tensors = _read_safetensors(folder / SAELENS_WEIGHTS_FILE)
+    digest = tensors_digest(tensors)
     if "log_threshold" in tensors:  # older SAELens JumpReLU checkpoints
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     fields = _saelens_fields(raw, family, tensors, config_file)
     model_id = metadata.get("model_name") or raw.get("model_name")
     cfg = _config(config_file, **fields, site=site, model_id=model_id if isinstance(model_id, str) else None)
     sae = _build(cfg, {**tensors, "input_scale": torch.ones(())}, folder / SAELENS_WEIGHTS_FILE)
+    _check_digest(metadata.get("interplab_tensors_digest"), digest, config_file, folder / SAELENS_WEIGHTS_FILE)
     if family == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         _fold_decoder_norms_(sae)
     return sae
@@ -171,9 +209,7 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
     """
     cfg = sae.cfg
     architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[cfg.family]
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(folder / SAELENS_WEIGHTS_FILE, _folded_saelens_tensors(sae), None)
+    tensors = {name: t.cpu() for name, t in _folded_saelens_tensors(sae).items()}
     config: dict[str, Any] = {
         "architecture": architecture,
         "d_in": cfg.d_in,
@@ -189,12 +225,12 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
             "hook_name": cfg.site or None,
             "model_name": cfg.model_id,
             "interplab_family": cfg.family,
+            "interplab_tensors_digest": tensors_digest(tensors),
         },
     }
     if architecture == "topk":
         config.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    _write_json(folder / SAELENS_CONFIG_FILE, config)
-    return folder
+    return _write_folder(Path(path), {SAELENS_WEIGHTS_FILE: (tensors, None)}, {SAELENS_CONFIG_FILE: config})
 
 
 def saelens_hook_to_site(hook_name: str) -> str:
@@ -373,8 +409,8 @@ def _read_sparsify_model_id(folder: Path) -> str | None:
     if not run_config.is_file():
         return None
     try:
-        model = json.loads(run_config.read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
+        model = read_json_object(run_config).get("model")
+    except (OSError, ArtifactError):
         return None
     return model if isinstance(model, str) else None
 
@@ -465,59 +501,19 @@ def _dtype_name(declared: Any, tensors: dict[str, Tensor], config_file: Path) ->
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise SAEFormatError(f"{path} does not exist") from error
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SAEFormatError(f"{path} is not valid JSON ({error}); the file is corrupt or truncated") from error
-    if not isinstance(data, dict):
-        raise SAEFormatError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+        return read_json_object(path, "SAE config")
+    except ArtifactError as error:
+        raise SAEFormatError(str(error)) from None
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise SAEFormatError(f"{path} does not exist")
     try:
-        tensors = load_file(str(path))
-    except Exception as error:  # safetensors raises its own SafetensorError, OSError or ValueError
-        raise SAEFormatError(
-            f"{path} could not be read as safetensors ({error}); the file is corrupt or truncated: "
-            "download or save it again"
-        ) from error
+        tensors = load_tensors(path, "SAE weights file")
+    except ArtifactError as error:
+        raise SAEFormatError(str(error)) from None
     for name, tensor in tensors.items():
+        if tensor.is_complex():
+            raise SAEFormatError(f"{path}: tensor {name} is complex ({tensor.dtype}); SAE weights are real")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise SAEFormatError(f"{path}: tensor {name} holds NaN or infinite values")
     return tensors
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> None:
-    from safetensors.torch import save_file
-
-    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-
-    _atomic_write(path, write)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from interplab.steering.vector import SteeringVector, _atomic_path
+from interplab.errors import ArtifactError
+from interplab.files import atomic_write
+from interplab.steering.vector import SteeringVector
 
 ARCH = "controlvector"
 METADATA_KEY = "interplab.metadata"
@@ -46,11 +48,10 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: 
     one vector at every position)."""
     gguf = _require_gguf()
     directions = gguf_directions(vector)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hint = model_hint or vector.model_type or vector.model_id or "unknown"
-    with _atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", hint)
         writer.add_uint32(f"{ARCH}.layer_count", len(directions))
         writer.add_string(METADATA_KEY, json.dumps(_metadata(vector)))
@@ -60,7 +61,8 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return path
+
+    return atomic_write(path, write)
 
 
 def gguf_directions(vector: SteeringVector) -> dict[int, np.ndarray]:
@@ -88,11 +90,12 @@ def import_gguf(path: str | os.PathLike) -> SteeringVector:
     gguf = _require_gguf()
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no GGUF file at {path}")
+        raise ArtifactError(f"no GGUF file at {path}")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises several types on a damaged file
-        raise ValueError(f"{path} is not a readable GGUF file: {err}") from None
+        raise ArtifactError(f"{path} is not a readable GGUF file ({err}): it is truncated or not a "
+                            "control vector; export or download it again") from None
     arch = _string_field(reader, "general.architecture")
     if arch != ARCH:
         warnings.warn(f"{path} has general.architecture={arch!r}, not 'controlvector'", UserWarning,
@@ -137,6 +140,10 @@ def _interplab_metadata(reader) -> dict:
         meta = json.loads(text)
     except json.JSONDecodeError:
         return {}
+    if not isinstance(meta, dict):
+        return {}
+    # keep only well-typed fields: this metadata is a hint, never a reason to fail or mislabel
+    meta = {k: v for k, v in meta.items() if isinstance(v, dict if k == "settings" else str)}
     if meta.get("site") == "hook_resid_pre":  # written from block inputs; read back as outputs
         meta.setdefault("settings", {})["exported_from_site"] = "hook_resid_pre"
     return meta

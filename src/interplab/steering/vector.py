@@ -21,10 +21,8 @@ tensor per layer named like the site, e.g. "blocks.12.hook_resid_post".
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +32,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interplab.errors import ArtifactError, UserInputError
+from interplab.files import (atomic_folder, check_digest, check_replaceable, config_field, load_tensors,
+                             read_json_object, save_tensors, tensors_digest, write_json)
 from interplab.interventions import Intervention, InterventionHandle, add_vector, intervene
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions, as_positions
@@ -264,15 +265,15 @@ class SteeringVector:
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write `config.json` + `vectors.safetensors` into `folder` (created if needed)."""
-        from safetensors.torch import save_file
-
+        """Write `config.json` + `vectors.safetensors` into `folder`, swapped in as a whole: a
+        failure leaves the previous vector (or nothing), never new tensors under an old config."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        check_replaceable(folder, _is_vector_folder, "steering vector folder")
         tensors = {tensor_name(k, self.site): v.contiguous() for k, v in self.directions.items()}
-        with _atomic_path(folder / TENSORS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        write_json_atomic(folder / CONFIG_FILE, self.config())
+        config = {**self.config(), "tensors_digest": tensors_digest(tensors)}
+        with atomic_folder(folder) as tmp:
+            save_tensors(tmp / TENSORS_FILE, tensors, metadata={"format": "pt"})
+            write_json(tmp / CONFIG_FILE, config)
         return folder
 
     @classmethod
@@ -362,77 +363,63 @@ def tensor_name(layer: int, site: str) -> str:
 
 def load_vector(folder: str | os.PathLike) -> SteeringVector:
     """Read a vector folder (config.json + vectors.safetensors), checking it first."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config = _read_config(folder)
-    tensors_path = folder / TENSORS_FILE
+    config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
     if not tensors_path.exists():
-        raise ValueError(f"{folder} has config.json but no {TENSORS_FILE}")
-    tensors = load_file(str(tensors_path))
+        raise ArtifactError(f"{folder} has config.json but no {TENSORS_FILE}")
+    tensors = load_tensors(tensors_path, "steering vector file")
+    check_digest(config.get("tensors_digest"), tensors_digest(tensors), config_path, tensors_path)
     directions = {}
     for layer, name in config["tensors"].items():
+        if not (isinstance(layer, str) and layer.isdigit() and isinstance(name, str)):
+            raise ArtifactError(f"{config_path}: field 'tensors' must map layer numbers to tensor names, "
+                                f"got {layer!r}: {name!r}")
         if name not in tensors:
-            raise ValueError(f"{tensors_path} lacks tensor {name!r} listed in config.json")
-        directions[int(layer)] = tensors[name].float()
+            raise ArtifactError(f"{tensors_path} lacks tensor {name!r} listed in config.json")
+        directions[int(layer)] = tensors[name]
     vector = SteeringVector(
-        directions, site=config["site"], model_id=config.get("model_id", ""),
-        model_type=config.get("model_type", ""), method=config.get("method", ""),
-        dataset_fingerprint=config.get("dataset_fingerprint", ""), settings=config.get("settings", {}),
+        directions, site=config["site"], model_id=config["model_id"], model_type=config["model_type"],
+        method=config["method"], dataset_fingerprint=config["dataset_fingerprint"], settings=config["settings"],
     )
     if vector.d_model != config["d_model"]:
-        raise ValueError(f"{folder}: config says d_model={config['d_model']} but the tensors have "
-                         f"width {vector.d_model}")
+        raise ArtifactError(f"{folder}: config says d_model={config['d_model']} but the tensors have "
+                            f"width {vector.d_model}")
     return vector
+
+
+_CONFIG_FIELDS = {"site": (str, ...), "d_model": (int, ...), "tensors": (dict, ...), "model_id": (str, ""),
+                  "model_type": (str, ""), "method": (str, ""), "dataset_fingerprint": (str, ""),
+                  "settings": (dict, {}), "tensors_digest": (str, None)}
+"""config.json fields read back: expected type and default (... = required)."""
 
 
 def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not folder.is_dir():
-        raise ValueError(f"no steering vector folder at {folder}")
+        raise ArtifactError(f"no steering vector folder at {folder}")
     if not path.exists():
-        raise ValueError(f"{folder} is not a steering vector folder: it has no {CONFIG_FILE}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if not isinstance(version, int):
-        raise ValueError(f"{path} has no integer 'format_version'; it was not written by interplab")
+        raise ArtifactError(f"{folder} is not a steering vector folder: it has no {CONFIG_FILE}")
+    raw = read_json_object(path, "steering vector config")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{path} has no integer 'format_version'; it was not written by interplab")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version}; this interplab reads up to "
-                         f"{FORMAT_VERSION}: upgrade interplab")
-    for key in ("site", "d_model", "tensors"):
-        if key not in config:
-            raise ValueError(f"{path} lacks the key {key!r}")
+        raise ArtifactError(f"{path} has format_version {version}; this interplab reads up to "
+                            f"{FORMAT_VERSION}: upgrade interplab")
+    config = {key: config_field(raw, key, kind, path, default=default, what="steering vector config")
+              for key, (kind, default) in _CONFIG_FIELDS.items()}
     return config
 
 
+def _is_vector_folder(folder: Path) -> bool:
+    try:
+        return read_json_object(folder / CONFIG_FILE).get("kind") == "interplab.steering_vector"
+    except ArtifactError:
+        return False
+
+
 # --- small helpers ----------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, data) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-
-
-class _atomic_path:
-    """A temporary path in the target's folder, renamed onto the target on success."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
 
 def _check_layer_key(layer) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -443,6 +430,9 @@ def _check_layer_key(layer) -> int:
 def _check_direction(direction, layer) -> Tensor:
     if not isinstance(direction, Tensor):
         direction = torch.as_tensor(direction)
+    if direction.is_complex():
+        raise UserInputError(f"the direction for layer {layer} is complex ({direction.dtype}); a steering "
+                             "vector is real: pass its real part (.real) or its magnitude (.abs()) explicitly")
     if direction.dim() not in (1, 2) or direction.shape[-1] == 0:
         raise ValueError(f"the direction for layer {layer} has shape {tuple(direction.shape)}; "
                          "expected (d_model,) or (n_pos, d_model)")
