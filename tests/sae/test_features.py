@@ -189,3 +189,38 @@ def test_index_is_replaced_atomically_and_checked(llama, sae, windows, tmp_path)
     wide = SAE(SAEConfig(d_in=64, d_sae=8, family="topk", k=2, site=SITE))
     with pytest.raises(ValueError, match=r"d_in=64.*width 32"):
         build_feature_index(llama, wide, windows, tmp_path / "w.db")
+
+
+# --- the index knows its SAE; search and paths are literal (issue #11) ---------------------------
+
+def test_index_refuses_another_sae_naming_both(index, sae):
+    with FeatureIndex(index.path, sae=sae) as same:  # the SAE it was built from
+        assert same.meta["sae_digest"].startswith("sha256:")
+    other = SAE(SAEConfig(d_in=32, d_sae=48, family="topk", k=6, site=SITE),
+                generator=torch.Generator().manual_seed(1))  # same shape, other weights
+    with pytest.raises(ValueError, match=r"built from .*not from this SAE.*weights digest"):
+        FeatureIndex(index.path, sae=other)
+    bigger = SAE(SAEConfig(d_in=32, d_sae=96, family="topk", k=6, site="blocks.0.hook_resid_post"))
+    with pytest.raises(ValueError, match=r"d_sae 48 there, 96 here; site blocks.1.hook_resid_post there, "
+                                         r"blocks.0.hook_resid_post here"):
+        index.check_sae(bigger)
+
+
+def test_search_treats_percent_and_underscore_literally(index):
+    assert index.search("%") == [] and index.search("_") == []
+    label = next(s.label for s in map(index.summary, range(index.d_sae)) if s.label)
+    word = label.split("'")[1]
+    assert index.search(word)  # a real word still matches
+    if len(word) > 1:
+        assert all(h.matched != "label" or word[0] + "_" not in h.label for h in index.search(word[0] + "_"))
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "what?.db", "with space.db", "naïve→.db", "100%.db"])
+def test_index_paths_with_uri_characters_work_and_create_nothing(llama, sae, windows, tmp_path, name):
+    folder = tmp_path / "idx dir#1"
+    path = folder / name
+    build_feature_index(llama, sae, windows[:6], path, n_top=2, n_bins=4).close()
+    with FeatureIndex(path) as opened:
+        assert opened.meta["n_contexts"] == 6 and opened.summary(0).feature == 0
+    assert [p.name for p in folder.iterdir()] == [name]
+    assert [p.name for p in tmp_path.iterdir()] == ["idx dir#1"]

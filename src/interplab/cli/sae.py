@@ -198,7 +198,7 @@ def inspect_(
 
     with _user_errors():
         sae = _load_sae(sae_path, site)
-        labels = FeatureIndex(index) if index is not None else None
+        labels = FeatureIndex(index, sae=sae) if index is not None else None
     handle = _load_model(model, sae)
     with _user_errors():
         rows = inspect(handle, sae, text, k=k, site=site)

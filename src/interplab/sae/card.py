@@ -9,10 +9,9 @@ histogram of non-zero activations. Everything is in one self-contained file.
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
 
+from interplab.files import write_text
 from interplab.sae.features import FeatureIndex, TopContext
 
 _STYLE = """
@@ -40,17 +39,7 @@ def write_feature_card(index: FeatureIndex | str | Path, feature: int, path: str
     finally:
         if own:
             idx.close()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text(path, page)
 
 
 def render_feature_card(index: FeatureIndex, feature: int, *, n_contexts: int = 20,

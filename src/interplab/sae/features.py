@@ -22,11 +22,11 @@ activation differs most between two sets of texts.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import sqlite3
-import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,8 +36,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab.errors import ArtifactError, UserInputError
+from interplab.files import atomic_write
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.progress import progress as progress_items
 from interplab.sae.downstream import resolve_sae_site
+from interplab.sae.formats import sae_digest
 from interplab.sae.model import SAE
 from interplab.sae.store import Harvester, corpus_windows, special_token_ids
 from interplab.sites import Site
@@ -220,13 +224,13 @@ def build_feature_index(
     stats = FeatureStats(sae.cfg.d_sae, windows.shape[1], n_top=n_top, n_bins=n_bins)
     harvester = Harvester(model, [resolved.name], drop_special_tokens=False)
     keep_all = _keep(model, windows, skip_special_tokens)
-    for start in _progress(range(0, windows.shape[0], batch_size), progress):
+    for start in progress_items(range(0, windows.shape[0], batch_size), progress, desc="features", unit="batch"):
         ids = windows[start:start + batch_size]
         acts = _latents(sae, harvester, resolved, ids, start)
         stats.update(acts, keep_all[start:start + batch_size], torch.arange(start, start + ids.shape[0]))
     effects = top_logit_effects(model, sae, resolved, k=n_logits, fold_norm=fold_norm)
     meta = {"format_version": FORMAT_VERSION, "type": "interplab.feature_index", "model_id": model.model_id,
-            "site": resolved.name, "d_sae": sae.cfg.d_sae, "sae_path": sae_path, "n_tokens": stats.n_tokens,
+            "site": resolved.name, "d_sae": sae.cfg.d_sae, "sae_digest": sae_digest(sae), "sae_path": sae_path, "n_tokens": stats.n_tokens,
             "n_contexts": int(windows.shape[0]), "context_length": int(windows.shape[1]), "n_top": n_top,
             "n_bins": n_bins, "fold_norm": fold_norm, "skip_special_tokens": skip_special_tokens}
     _write_index(Path(path), meta, stats, windows, effects, model.require_tokenizer())
@@ -254,11 +258,9 @@ def _latents(sae: SAE, harvester: Harvester, site: Site, ids: Tensor, first: int
 
 
 def _write_index(path: Path, meta: dict, stats: FeatureStats, windows: Tensor, effects, tokenizer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        with sqlite3.connect(tmp) as db:
+    """Write the whole index (metadata and tables) into one SQLite file, swapped in atomically."""
+    def write(tmp: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp)) as db, db:
             db.executescript(_SCHEMA)
             db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
             vocab = _vocab(tokenizer, windows, stats, effects)
@@ -268,10 +270,8 @@ def _write_index(path: Path, meta: dict, stats: FeatureStats, windows: Tensor, e
             db.executemany("INSERT INTO top_contexts VALUES (?, ?, ?, ?, ?, ?, ?)", _top_rows(stats, windows, vocab))
             db.executemany("INSERT INTO logit_effects VALUES (?, ?, ?, ?, ?)", _effect_rows(effects))
             db.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?)", _feature_rows(stats, effects, vocab, windows))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _vocab(tokenizer, windows: Tensor, stats: FeatureStats, effects) -> dict[int, str]:
@@ -338,14 +338,6 @@ def auto_label(fires_on: Sequence[str], promotes: Sequence[str], *, n: int = 3) 
     return " | ".join(parts)
 
 
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="features", unit="batch")
-
-
 # --------------------------------------------------------------------------------------------
 # Reading the index
 # --------------------------------------------------------------------------------------------
@@ -400,19 +392,51 @@ class SearchHit:
 class FeatureIndex:
     """Read access to a feature index written by `build_feature_index`."""
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, *, sae: SAE | None = None) -> None:
+        """Open the index read-only; with `sae`, first check that the index was built from it."""
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"{self.path} does not exist; build it with `interplab sae features` or build_feature_index")
-        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            raise ArtifactError(f"{self.path} does not exist; build it with `interplab sae features` or build_feature_index")
+        # a properly quoted URI: '#', '?', spaces and non-ASCII in the name must not be read as URI syntax
+        self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             self.meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
-        except sqlite3.DatabaseError as error:
-            raise ValueError(f"{self.path} is not an interplab feature index ({error})") from error
+        except (sqlite3.DatabaseError, ValueError) as error:
+            self.db.close()
+            raise ArtifactError(f"{self.path} is not an interplab feature index ({error})") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: feature index format_version {self.meta.get('format_version')!r} "
-                             f"is not {FORMAT_VERSION}; rebuild it")
+            self.db.close()
+            raise ArtifactError(f"{self.path}: feature index format_version {self.meta.get('format_version')!r} "
+                                f"is not {FORMAT_VERSION}; rebuild it")
         self._vocab: dict[int, str] | None = None
+        if sae is not None:
+            try:
+                self.check_sae(sae)
+            except BaseException:
+                self.db.close()
+                raise
+
+    def check_sae(self, sae: SAE, *, site: str | None = None) -> None:
+        """Refuse an SAE other than the one this index was built from (its labels and statistics
+        would be another SAE's): the latent count, the site and the weights' digest must match."""
+        built_site = self.meta.get("site")
+        used_site = site or sae.cfg.site
+        problems = []
+        if int(self.meta["d_sae"]) != sae.cfg.d_sae:
+            problems.append(f"d_sae {self.meta['d_sae']} there, {sae.cfg.d_sae} here")
+        if used_site and built_site and used_site != built_site:
+            problems.append(f"site {built_site} there, {used_site} here")
+        recorded = self.meta.get("sae_digest")
+        if recorded is None:
+            warnings.warn(f"{self.path} was built before indexes recorded their SAE's digest; interplab cannot "
+                          "check that it belongs to this SAE. Rebuild it to be sure.", UserWarning, stacklevel=3)
+        elif recorded != sae_digest(sae):
+            problems.append(f"weights digest {recorded} there, {sae_digest(sae)} here")
+        if problems:
+            built_from = self.meta.get("sae_path") or "another SAE"
+            raise UserInputError(f"the feature index {self.path} was built from {built_from}, not from this SAE "
+                                 f"({'; '.join(problems)}): its labels would be wrong. Use the index built "
+                                 "from this SAE, or build one with `interplab sae features`")
 
     def __enter__(self) -> "FeatureIndex":
         return self
@@ -471,20 +495,25 @@ class FeatureIndex:
         if not query or not query.strip():
             raise ValueError("the search query is empty")
         needle = query.strip()
-        pattern = f"%{needle}%"
+        pattern = "%" + _escape_like(needle) + "%"
         scores: Counter = Counter()
         matched: dict[int, str] = {}
-        for feature, label in self.db.execute("SELECT id, label FROM features WHERE label LIKE ?", (pattern,)):
+        for feature, label in self.db.execute("SELECT id, label FROM features WHERE label LIKE ? ESCAPE '\\'", (pattern,)):
             exact = any(token.strip().lower() == needle.lower() for token in _label_tokens(label))
             scores[feature] += 5.0 if exact else 3.0
             matched[feature] = "label"
         for feature, count in self.db.execute(
-                "SELECT feature, COUNT(*) FROM top_contexts WHERE snippet LIKE ? GROUP BY feature", (pattern,)):
+                "SELECT feature, COUNT(*) FROM top_contexts WHERE snippet LIKE ? ESCAPE '\\' GROUP BY feature", (pattern,)):
             scores[feature] += count / max(int(self.meta["n_top"]), 1)
             matched.setdefault(feature, "context")
         rows = {f: self.db.execute("SELECT label, density FROM features WHERE id = ?", (f,)).fetchone() for f in scores}
         ranked = sorted(scores, key=lambda f: (-scores[f], -rows[f][1], f))[:limit]
         return [SearchHit(f, scores[f], rows[f][0], rows[f][1], matched[f]) for f in ranked]
+
+
+def _escape_like(text: str) -> str:
+    """`text` matched literally by LIKE ... ESCAPE '\\' ('%' and '_' are wildcards otherwise)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _label_tokens(label: str) -> list[str]:
