@@ -182,3 +182,31 @@ def test_bad_inputs_fail_before_any_work(llama, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         ActivationStore.from_corpus(llama, documents(10), StoreConfig(sites=("blocks.7.hook_resid_post",),
                                                                       context_length=16))
+
+
+def test_a_shard_that_is_not_the_one_listed_is_refused(llama, corpus_file, tmp_path):
+    cfg = StoreConfig(sites=(SITE,), context_length=16, model_batch_size=4)
+    out = harvest_to_disk(llama, corpus_file, tmp_path / "h", cfg, contexts_per_shard=4, n_tokens=150)
+    manifest = read_manifest(out)
+    assert all(s["digest"].startswith("sha256:") and s["bytes"] > 0 for s in manifest["shards"])
+    assert sum(len(c) for c in store_module.disk_chunks(out)) == sum(s["n_tokens"] for s in manifest["shards"])
+    first, second = (out / s["file"] for s in manifest["shards"][:2])
+    data = bytearray(second.read_bytes())
+    data[-1] ^= 0xFF  # same size, one value changed: only the digest tells
+    second.write_bytes(bytes(data))
+    with pytest.raises(interplab.errors.ArtifactError, match=r"shard_00001.safetensors does not belong to"):
+        list(store_module.disk_chunks(out))
+    second.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(interplab.errors.ArtifactError, match=r"shard_00001.safetensors has 100 bytes"):
+        list(store_module.disk_chunks(out))
+
+
+def test_non_utf8_corpus_names_the_file(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(interplab.errors.ArtifactError, match=r"latin1.txt is not UTF-8"):
+        list(iter_documents(bad))
+    broken = tmp_path / "c.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(interplab.errors.ArtifactError, match=r"c.jsonl:2: not valid JSON"):
+        list(iter_documents(broken))

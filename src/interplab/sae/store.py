@@ -23,10 +23,10 @@ resumes at the first missing shard and produces the same shards as one that was 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab.errors import ArtifactError
+from interplab.files import (check_digest, config_field, file_digest, read_json_object, save_tensors,
+                             write_json)
 from interplab.hooks import HookSession, StopForward
+from interplab.progress import progress_bar
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.sites import Site
 from interplab.tokens import max_positions
@@ -162,8 +166,8 @@ def _text_documents(path: Path, separator: str) -> Iterator[str]:
     """Stream a text file line by line, splitting documents at `separator`."""
     parts: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    with _utf8_lines(path) as lines:
+        for line in lines:
             pieces = line.split(separator) if separator else [line]
             for i, piece in enumerate(pieces):
                 if i > 0:  # a separator ended the document
@@ -177,6 +181,18 @@ def _text_documents(path: Path, separator: str) -> Iterator[str]:
     yield from _nonempty("".join(parts))
 
 
+@contextlib.contextmanager
+def _utf8_lines(path: Path) -> Iterator[Iterator[str]]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is an error naming the file (never
+    replaced silently: a wrong encoding would feed the model garbage tokens)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start} of a block); "
+                            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _nonempty(text: str) -> Iterator[str]:
     text = text.strip()
     if text:
@@ -184,11 +200,15 @@ def _nonempty(text: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with _utf8_lines(path) as lines:
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ArtifactError(f"{path}:{number}: not valid JSON ({err.msg}); a JSONL corpus holds one "
+                                    "JSON object per line") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a string field "
                                  f"{text_field!r}; pass text_field= to name another field")
@@ -575,7 +595,7 @@ def harvest_to_disk(model, corpus, out_dir, cfg: StoreConfig, *, n_tokens: int |
     start = len(manifest["shards"]) * contexts_per_shard
     written = sum(s["n_tokens"] for s in manifest["shards"])
     chunks = harvest_chunks(model, corpus, cfg, start_context=start)
-    bar = _progress_bar(progress, n_tokens, written)
+    bar = progress_bar(progress, total=n_tokens, initial=written, unit="tok", desc="harvest")
     for shard in _group_shards(chunks, contexts_per_shard, cfg.model_batch_size):
         entry = _write_shard(out, len(manifest["shards"]), shard)
         manifest["shards"].append(entry)
@@ -583,17 +603,11 @@ def harvest_to_disk(model, corpus, out_dir, cfg: StoreConfig, *, n_tokens: int |
         bar.update(entry["n_tokens"])
         if n_tokens is not None and written >= n_tokens:
             break
-        _write_json(out / MANIFEST_FILE, manifest)
+        write_json(out / MANIFEST_FILE, manifest)  # after the shard: the manifest only lists whole shards
     bar.close()
     manifest["complete"] = True
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json(out / MANIFEST_FILE, manifest)
     return out
-
-
-def _progress_bar(enabled: bool, total: int | None, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="tok", desc="harvest")
 
 
 def _group_shards(chunks: Iterator[ActivationChunk], contexts_per_shard: int, batch: int) -> Iterator[ActivationChunk]:
@@ -616,20 +630,12 @@ def _concat(chunks: list[ActivationChunk]) -> ActivationChunk:
 
 
 def _write_shard(out: Path, index: int, chunk: ActivationChunk) -> dict:
-    from safetensors.torch import save_file
-
+    """Write one shard atomically; its manifest entry records the file's size and digest, which
+    the reader checks (a shard that is not the one the manifest lists is refused)."""
     name = f"shard_{index:05d}.safetensors"
-    tensors = {**{site: t.contiguous() for site, t in chunk.acts.items()},
-               "tokens": chunk.tokens, "contexts": chunk.contexts, "positions": chunk.positions}
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "interplab.activations"})
-        os.replace(tmp, out / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return {"file": name, "n_tokens": len(chunk)}
+    tensors = {**chunk.acts, "tokens": chunk.tokens, "contexts": chunk.contexts, "positions": chunk.positions}
+    path = save_tensors(out / name, tensors, metadata={"format": "interplab.activations"})
+    return {"file": name, "n_tokens": len(chunk), "bytes": path.stat().st_size, "digest": file_digest(path)}
 
 
 def _start_manifest(model: LoadedModel, corpus, out: Path, cfg: StoreConfig, contexts_per_shard: int,
@@ -648,8 +654,7 @@ def _start_manifest(model: LoadedModel, corpus, out: Path, cfg: StoreConfig, con
         return saved
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not an activation harvest (no {MANIFEST_FILE}); choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST_FILE, fresh)
+    write_json(out / MANIFEST_FILE, fresh)
     return fresh
 
 
@@ -670,34 +675,48 @@ def _corpus_name(corpus) -> str:
 
 
 def read_manifest(path) -> dict:
-    """The manifest of an on-disk harvest, checked for its format version."""
+    """The manifest of an on-disk harvest, checked for its format version and field types."""
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
-        raise ValueError(f"{path} is not an activation harvest: {MANIFEST_FILE} is missing")
-    manifest = json.loads(file.read_text())
+        raise ArtifactError(f"{path} is not an activation harvest: {MANIFEST_FILE} is missing")
+    manifest = read_json_object(file, "activation manifest")
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("type") != "interplab.activations":
-        raise ValueError(f"{file}: not an interplab activation manifest of format_version {FORMAT_VERSION}")
+        raise ArtifactError(f"{file}: not an interplab activation manifest of format_version {FORMAT_VERSION}")
+    config_field(manifest, "sites", dict, file, what="activation manifest")
+    for shard in config_field(manifest, "shards", list, file, what="activation manifest"):
+        if not isinstance(shard, dict):
+            raise ArtifactError(f"{file}: every entry of 'shards' must be a JSON object, got {shard!r}")
+        config_field(shard, "file", str, file, what="shard entry")
+        config_field(shard, "n_tokens", int, file, what="shard entry")
     return manifest
 
 
 def disk_chunks(path, sites: Sequence[str] | None = None) -> Iterator[ActivationChunk]:
-    """The shards of an on-disk harvest, in order, one chunk each (only `sites`, when given)."""
+    """The shards of an on-disk harvest, in order, one chunk each (only `sites`, when given).
+    Each shard is checked against its manifest entry (size, digest, rows) before it is used."""
     from safetensors import safe_open
 
     manifest = read_manifest(path)
     names = list(manifest["sites"]) if sites is None else list(sites)
     for shard in manifest["shards"]:
-        with safe_open(str(Path(path) / shard["file"]), framework="pt") as f:
-            yield ActivationChunk({s: f.get_tensor(s) for s in names}, f.get_tensor("tokens"),
-                                  f.get_tensor("contexts"), f.get_tensor("positions"))
+        file = Path(path) / shard["file"]
+        _check_shard(file, shard, Path(path) / MANIFEST_FILE)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                chunk = ActivationChunk({s: f.get_tensor(s) for s in names}, f.get_tensor("tokens"),
+                                        f.get_tensor("contexts"), f.get_tensor("positions"))
+        except Exception as err:  # safetensors' own error types, or a missing tensor
+            raise ArtifactError(f"{file} is not a readable activation shard ({err}); harvest again") from None
+        if len(chunk) != shard["n_tokens"]:
+            raise ArtifactError(f"{file} holds {len(chunk)} rows but {MANIFEST_FILE} lists {shard['n_tokens']}")
+        yield chunk
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _check_shard(file: Path, shard: dict, manifest: Path) -> None:
+    if not file.is_file():
+        raise ArtifactError(f"{file} is listed in {manifest} but missing; harvest again into a new folder")
+    if "bytes" in shard and file.stat().st_size != shard["bytes"]:
+        raise ArtifactError(f"{file} has {file.stat().st_size} bytes but {manifest} lists {shard['bytes']}: "
+                            "the shard was changed or truncated; harvest again")
+    if "digest" in shard:
+        check_digest(shard["digest"], file_digest(file), manifest, file)
