@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,58 @@ def test_tensorboard_when_installed(tmp_path):
     pytest.importorskip("tensorboard")
     data = SparseDictionary()
     cfg = SAEConfig(d_in=32, d_sae=64, family="topk", k=4)
-    train_sae(cfg, data.batches(4), TrainConfig(n_steps=4, progress=False, log_every=2), out_dir=tmp_path)
+    train_sae(cfg, data.batches(4), TrainConfig(n_steps=4, log_every=2, tensorboard=True), out_dir=tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_library_defaults_are_quiet(tmp_path, capsys):
+    assert TrainConfig(n_steps=1).progress is False and TrainConfig(n_steps=1).tensorboard is False
+    data = SparseDictionary()
+    train_sae(SAEConfig(d_in=32, d_sae=64, family="topk", k=4), data.batches(2), TrainConfig(n_steps=2),
+              out_dir=tmp_path)
+    assert not (tmp_path / "tensorboard").exists()
+    assert capsys.readouterr().err == ""
+
+
+def test_torn_log_line_does_not_block_resume(tmp_path):
+    data = SparseDictionary()
+    cfg = SAEConfig(d_in=32, d_sae=64, family="topk", k=4)
+    train_cfg = quiet(10, log_every=2, checkpoint_every=5)
+    with pytest.raises(Killed):
+        train_sae(cfg, killed_after(data.batches(10), 7), train_cfg, out_dir=tmp_path)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # killed in the middle of an append
+    train_sae(cfg, data.batches(10), train_cfg, out_dir=tmp_path, resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+def test_checkpoint_is_whole_or_absent(tmp_path, monkeypatch):
+    import interplab.sae.train as train_module
+
+    data = SparseDictionary()
+    cfg = SAEConfig(d_in=32, d_sae=64, family="topk", k=4)
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, path, *args, **kwargs):  # the trainer state is the checkpoint's last file
+        calls.append(path)
+        if len(calls) == 2:
+            raise Killed
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    with pytest.raises(Killed):
+        train_sae(cfg, data.batches(10), quiet(10, checkpoint_every=5), out_dir=tmp_path)
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000005"]
+    # a checkpoint whose SAE comes from another step is refused on resume
+    train_sae(cfg, data.batches(10), quiet(10, checkpoint_every=5, keep_checkpoints=3), out_dir=tmp_path / "b")
+    step5, step10 = (tmp_path / "b" / "checkpoints" / n for n in ("step_00000005", "step_00000010"))
+    shutil.rmtree(step10 / "sae")
+    shutil.copytree(step5 / "sae", step10 / "sae")
+    with pytest.raises(ValueError, match=r"step_00000010/sae does not belong to .*trainer_state.pt"):
+        train_sae(cfg, data.batches(10), quiet(10, checkpoint_every=5, keep_checkpoints=3), out_dir=tmp_path / "b",
+                  resume=True)
 
 
 # ---- schedules ---------------------------------------------------------------------------------

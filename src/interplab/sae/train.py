@@ -25,10 +25,8 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,8 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from interplab.errors import ArtifactError
+from interplab.files import (append_jsonl, atomic_folder, atomic_write, config_field, read_json_object, read_jsonl,
+                             write_json, write_text)
+from interplab.progress import progress_bar
 from interplab.sae.config import SAEConfig
-from interplab.sae.formats import load_sae, save_sae
+from interplab.sae.formats import load_sae, sae_digest, save_sae
 from interplab.sae.metrics import evaluate_sae, fraction_of_variance_unexplained
 from interplab.sae.model import B_DEC_INITS, SAE, SAEOutput
 
@@ -112,11 +114,11 @@ class TrainConfig:
     device: str = "cpu"
     """Device the SAEs train on ('cpu', 'cuda', 'cuda:1', ...); batches are moved there."""
 
-    progress: bool = True
-    """Show a progress bar."""
+    progress: bool = False
+    """Show a progress bar (the CLI turns it on; library calls stay quiet by default)."""
 
-    tensorboard: bool = True
-    """Also write metrics for TensorBoard into out_dir/tensorboard, when tensorboard is installed."""
+    tensorboard: bool = False
+    """Also write metrics for TensorBoard into out_dir/tensorboard (needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
         problems = _train_config_problems(self)
@@ -224,11 +226,9 @@ def _train_loop(
     out: Path | None, logger: _MetricsLog, eval_batches: Sequence[Tensor] | None,
 ) -> None:
     """The loop: one batch per step, every SAE steps on it; log, evaluate and checkpoint on schedule."""
-    from tqdm.auto import tqdm
-
     d_in = runs[0].sae.cfg.d_in
     started, start_tokens = time.perf_counter(), tokens
-    with tqdm(total=cfg.n_steps, initial=step, disable=not cfg.progress, unit="step", desc="SAE") as bar:
+    with progress_bar(cfg.progress, total=cfg.n_steps, initial=step, unit="step", desc="SAE") as bar:
         while step < cfg.n_steps:
             x = next(stream, None)
             if x is None:
@@ -303,29 +303,22 @@ def _new_run(name: str, sae: SAE, cfg: TrainConfig) -> _Run:
 
 
 def _save_checkpoint(out: Path, runs: list[_Run], step: int, tokens: int, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step_XXXXXXXX through a temporary folder renamed into place, then prune."""
-    root = out / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    """Write checkpoints/step_XXXXXXXX as one folder swapped in whole (SAEs and trainer state
+    always from the same step), then prune old ones."""
+    final = out / CHECKPOINTS_DIR / f"step_{step:08d}"
+    with atomic_folder(final) as tmp:
         for run in runs:
             save_sae(run.sae, tmp / run.name)
         state = {
             "step": step,
             "tokens": tokens,
             "runs": {
-                run.name: {"optimizer": run.optimizer.state_dict(), "tokens_since_fired": run.tokens_since_fired}
+                run.name: {"optimizer": run.optimizer.state_dict(), "tokens_since_fired": run.tokens_since_fired,
+                           "sae_digest": sae_digest(run.sae)}
                 for run in runs
             },
         }
-        torch.save(state, tmp / TRAINER_STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(tmp / TRAINER_STATE_FILE, lambda path: torch.save(state, path))
     for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -349,14 +342,30 @@ def _resume_runs(
 ) -> tuple[list[_Run], int, int]:
     """Rebuild every run from a checkpoint, after checking it belongs to this training setup."""
     _check_same_setup(checkpoint.parent.parent / RUN_FILE, configs, cfg)
-    state = torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True, map_location=cfg.device)
+    state = _load_trainer_state(checkpoint / TRAINER_STATE_FILE, cfg.device)
     runs = []
     for name in configs:
-        run = _new_run(name, load_sae(checkpoint / name).to(cfg.device), cfg)
+        sae = load_sae(checkpoint / name)
+        recorded = state["runs"][name].get("sae_digest")
+        if recorded is not None and recorded != sae_digest(sae):
+            raise ArtifactError(f"{checkpoint / name} does not belong to {checkpoint / TRAINER_STATE_FILE} "
+                                "(another step's SAE); delete this checkpoint to resume from the one before")
+        run = _new_run(name, sae.to(cfg.device), cfg)
         run.optimizer.load_state_dict(state["runs"][name]["optimizer"])
         run.tokens_since_fired.copy_(state["runs"][name]["tokens_since_fired"])
         runs.append(run)
     return runs, int(state["step"]), int(state["tokens"])
+
+
+def _load_trainer_state(path: Path, device: str) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: the checkpoint is incomplete; delete it to resume "
+                            "from the one before") from None
+    except Exception as err:  # torch raises several types on a truncated or foreign file
+        raise ArtifactError(f"{path} cannot be read ({err}); delete this checkpoint to resume from "
+                            "the one before") from None
 
 
 def _skip_batches(stream: Iterator[Tensor], n: int) -> None:
@@ -370,18 +379,16 @@ def _skip_batches(stream: Iterator[Tensor], n: int) -> None:
 
 
 def _write_run_file(path: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"train_config": dataclasses.asdict(cfg), "sae_configs": {n: c.to_dict() for n, c in configs.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def _check_same_setup(run_file: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
     if not run_file.is_file():
         raise ValueError(f"cannot resume: {run_file} is missing, so the checkpoint's setup is unknown")
-    saved = json.loads(run_file.read_text())
-    if saved["sae_configs"] != {n: c.to_dict() for n, c in configs.items()}:
+    saved = read_json_object(run_file, "training run file")
+    config_field(saved, "train_config", dict, run_file, what="training run file")
+    if config_field(saved, "sae_configs", dict, run_file, what="training run file") != {n: c.to_dict() for n, c in configs.items()}:
         raise ValueError(
             f"cannot resume: the SAE configs differ from those in {run_file}; resume with the same "
             "configs or train into a new out_dir"
@@ -437,9 +444,8 @@ class _MetricsLog:
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.path is not None:
-            with open(self.path, "a") as f:
-                for record in records:
-                    f.write(json.dumps(record) + "\n")
+            for record in records:
+                append_jsonl(self.path, _json_safe(record))  # one write per line: a kill tears at most the last
         if self.writer is not None:
             for record in records:
                 for key, value in record.items():
@@ -451,18 +457,23 @@ class _MetricsLog:
             self.writer.close()
 
 
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf (a diverged run) are not JSON: they are logged as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 def _truncate_log(path: Path, resume_step: int) -> None:
     """Fresh run: start an empty log. Resumed run: keep only the lines up to the checkpoint's step."""
-    kept = []
-    if resume_step and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step] if resume_step else []
+    write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 
 def _tensorboard_writer(out: Path, resume_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError:
+        warnings.warn("TrainConfig(tensorboard=True) but the tensorboard package is not installed: metrics "
+                      "go to log.jsonl only (pip install tensorboard)", UserWarning, stacklevel=4)
         return None
     return SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
