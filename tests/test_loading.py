@@ -135,3 +135,46 @@ def test_info_command_on_local_folder(shared_dir):
     bad = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "/no/such/model"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "no model folder" in bad.stderr
+
+
+def test_a_killed_conversion_is_swept_by_the_next(tmp_path, monkeypatch):
+    """Issue #11: a killed first-time conversion left ~500 MB behind forever."""
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))
+    alias = _fake_alias()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    host = loading._host()
+    stale = tmp_path / f".fake-model.convert-{host}-{dead}-abc"
+    live = tmp_path / f".fake-model.convert-{host}-{os.getpid()}-def"   # this process: alive
+    elsewhere = tmp_path / ".fake-model.convert-otherhost-1-ghi"        # another machine: unknown
+    old = tmp_path / f".fake-model.convert-{host}-{os.getpid()}-jkl"    # alive pid but far too old
+    other_alias = tmp_path / f".other.convert-{host}-{dead}-mno"
+    for folder in (stale, live, elsewhere, old, other_alias):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+    os.utime(old, (0, 0))
+
+    def write(gguf, out):
+        assert out.name.startswith(f".fake-model.convert-{host}-{os.getpid()}-")  # names its owner
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_write_converted", write)
+    convert_gguf_once(alias, Path("x.gguf"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([live.name, elsewhere.name, other_alias.name, loading.converted_dir(alias).name])
+
+
+def test_truncated_weights_in_a_local_folder_name_the_file(shared_dir, tmp_path):
+    import shutil
+
+    source = shared_dir / "models" / "TinyStories-656K"
+    if not source.is_dir():
+        pytest.skip("shared TinyStories model missing")
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    from interplab.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"model.safetensors is truncated or corrupt"):
+        interplab.load(str(folder))

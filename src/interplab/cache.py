@@ -12,6 +12,7 @@ from torch import Tensor
 
 from interplab.hooks import HookSession, StopForward
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.progress import progress as progress_items
 from interplab.sites import Site
 from interplab.tokens import Batch, to_batch
 
@@ -113,7 +114,7 @@ def capture(
     )
     all_logits = []
     with _eager_if_needed(model, site_list), _attached(session), torch.no_grad():
-        for start in _progress(range(0, len(batch), batch_size), progress, "capture"):
+        for start in progress_items(range(0, len(batch), batch_size), progress, desc="capture"):
             out = _run(model, batch.slice(start, start + batch_size))
             if logits:
                 all_logits.append(_move(out.logits, device, dtype))
@@ -191,14 +192,6 @@ def _set_attn(model: LoadedModel, implementation: str | None) -> None:
         model.hf.set_attn_implementation(implementation)
     else:  # transformers < 4.48
         model.hf.config._attn_implementation = implementation
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc)
 
 
 def residual_sites(model, kind: str = "hook_resid_post") -> list[str]:

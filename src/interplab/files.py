@@ -249,3 +249,17 @@ def check_replaceable(path: str | os.PathLike, is_same_kind: Callable[[Path], bo
     if path.is_dir() and any(path.iterdir()) and not is_same_kind(path):
         raise ArtifactError(f"{path} is a folder that holds other files and is not a {what}; "
                             f"writing the {what} there would replace them: choose a new or empty folder")
+
+
+def finite_json(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None (JSON has no NaN), recursively
+    through dicts, lists and tuples; for results where a missing value is legitimate."""
+    import math
+
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import interplab
+from interplab.errors import ArtifactError
 from interplab.sae import store as store_module
 from interplab.sae.store import (
     ActivationStore, Harvester, StoreConfig, corpus_windows, harvest_chunks, harvest_to_disk,
@@ -194,19 +195,19 @@ def test_a_shard_that_is_not_the_one_listed_is_refused(llama, corpus_file, tmp_p
     data = bytearray(second.read_bytes())
     data[-1] ^= 0xFF  # same size, one value changed: only the digest tells
     second.write_bytes(bytes(data))
-    with pytest.raises(interplab.errors.ArtifactError, match=r"shard_00001.safetensors does not belong to"):
+    with pytest.raises(ArtifactError, match=r"shard_00001.safetensors does not belong to"):
         list(store_module.disk_chunks(out))
     second.write_bytes(first.read_bytes()[:100])
-    with pytest.raises(interplab.errors.ArtifactError, match=r"shard_00001.safetensors has 100 bytes"):
+    with pytest.raises(ArtifactError, match=r"shard_00001.safetensors has 100 bytes"):
         list(store_module.disk_chunks(out))
 
 
 def test_non_utf8_corpus_names_the_file(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    with pytest.raises(interplab.errors.ArtifactError, match=r"latin1.txt is not UTF-8"):
+    with pytest.raises(ArtifactError, match=r"latin1.txt is not UTF-8"):
         list(iter_documents(bad))
     broken = tmp_path / "c.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": \n')
-    with pytest.raises(interplab.errors.ArtifactError, match=r"c.jsonl:2: not valid JSON"):
+    with pytest.raises(ArtifactError, match=r"c.jsonl:2: not valid JSON"):
         list(iter_documents(broken))

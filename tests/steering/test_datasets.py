@@ -116,3 +116,15 @@ def test_shared_caa_refusal_data_reads(shared_dir):
     assert len(read_pairs(caa_path("refusal", "test"))) == 50
     with pytest.raises(ValueError, match="no CAA test data for 'nonsense'"):
         caa_path("nonsense", "test")
+
+
+def test_non_utf8_dataset_names_the_file(tmp_path):
+    from interplab.errors import ArtifactError
+    from interplab.steering.datasets import read_caa, read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes('{"positive": "caf\u00e9", "negative": "th\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ArtifactError, match=r"pairs.jsonl is not UTF-8 text"):
+        read_pairs(path)
+    with pytest.raises(ArtifactError, match=r"pairs.jsonl is not UTF-8 text"):
+        read_caa(path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from interplab.errors import ArtifactError
 from interplab.toy.grokking import (
     GrokkingConfig, GrokkingHistory, GrokTransformer, embedding_frequency_norms, fourier_basis,
     key_frequencies, key_frequency_fraction, load_model, modular_addition_data, phase_steps,
@@ -90,8 +92,29 @@ def test_save_and_load_roundtrip(tmp_path):
     first = load_model(tmp_path, step=0)
     torch.testing.assert_close(first.embed.weight, run.checkpoints[0]["embed.weight"])
     assert sorted(run.checkpoints) == [0, 10, 20]
-    with pytest.raises(FileNotFoundError, match="step_000010"):
+    with pytest.raises(ArtifactError, match="step_000010"):
         load_model(tmp_path, step=7)
+
+
+def test_run_folder_is_whole_or_unchanged(tmp_path, monkeypatch):
+    import interplab.toy.grokking as grokking
+
+    run = train_grokking(GrokkingConfig(**TINY))
+    save_run(run, tmp_path / "run")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    def dying_write(path, data):  # history.json, the last file, fails
+        if Path(path).name == "history.json":
+            raise OSError("disk full (simulated)")
+        return real_write(path, data)
+
+    real_write = grokking.write_json
+    monkeypatch.setattr(grokking, "write_json", dying_write)
+    other = train_grokking(GrokkingConfig(**{**TINY, "seed": 1}))
+    with pytest.raises(OSError, match="simulated"):
+        save_run(other, tmp_path / "run")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 # ----------------------------------------------------------------------------- Fourier tools

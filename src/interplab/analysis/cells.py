@@ -27,6 +27,7 @@ from torch import Tensor
 from interplab.hooks import StopForward
 from interplab.interventions import intervene
 from interplab.models.handle import LoadedModel
+from interplab.progress import progress_bar
 from interplab.sites import Site
 
 FINAL = "ln_final.hook_normalized"
@@ -99,7 +100,7 @@ def run_cells(model: LoadedModel, ids: Int[Tensor, "batch seq"], mask: Int[Tenso
     starts = [first_changed(cell, lengths) if reuse_prefix else 0 for cell in cells]
     results = torch.zeros(len(cells))
     prefixes: dict[int, object] = {}
-    bar = _progress_bar(progress, desc, len(cells))
+    bar = progress_bar(progress, total=len(cells), desc=desc, unit="cell")
     try:
         for start, chunk in _chunks(starts, cells_per_forward):
             if start and start not in prefixes:
@@ -107,11 +108,9 @@ def run_cells(model: LoadedModel, ids: Int[Tensor, "batch seq"], mask: Int[Tenso
             chunk_cells = [cells[i] for i in chunk]
             results[chunk] = _run_chunk(model, ids, mask, last, sources, chunk_cells, score, start,
                                         prefixes.get(start))
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return results
 
 
@@ -218,14 +217,6 @@ def _feature_shape(model: LoadedModel, site: Site) -> tuple[int, ...]:
     if site.kind == "mlp.hook_post":
         return (model.d_mlp,)
     return (1,)
-
-
-def _progress_bar(enabled: bool, desc: str, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="cell")
 
 
 def capture_run(model: LoadedModel, ids: Tensor, mask: Tensor, last: Tensor, sites: Sequence[Site]

@@ -11,14 +11,15 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from interplab.figures import subplots
+from interplab.files import finite_json, write_bytes
 
 FORMAT_VERSION = 1
 
@@ -86,15 +87,18 @@ class Grid:
         return data
 
     def save(self, folder: str | Path, stem: str, *, plot: bool = True) -> dict[str, Path]:
-        """Write `<stem>.csv`, `<stem>.json` and (with `plot`) `<stem>.png` into `folder`."""
+        """Write `<stem>.csv`, `<stem>.json` and (with `plot`) `<stem>.png` into `folder`.
+
+        All three are rendered in memory before the first is written, so a failure (a bad label,
+        a plotting error) leaves the previous set untouched rather than a CSV that disagrees
+        with its PNG."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json"}
-        write_atomic(paths["csv"], self.to_csv().encode())
-        write_atomic(paths["json"], json.dumps(self.to_json(), indent=1).encode())
+        rendered = {"csv": self.to_csv().encode(), "json": _json_bytes(self.to_json())}
         if plot:
-            paths["png"] = folder / f"{stem}.png"
-            heatmap(self, paths["png"])
+            rendered["png"] = _png_bytes(heatmap_figure(self))
+        paths = {kind: folder / f"{stem}.{kind}" for kind in rendered}
+        for kind, data in rendered.items():
+            write_bytes(paths[kind], data)
         return paths
 
 
@@ -106,41 +110,37 @@ def _nan_to_none(t: Tensor) -> list:
     return [[None if math.isnan(v) else v for v in row] for row in t.tolist()]
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside `path`, then move it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str | Path, data: dict) -> None:
-    write_atomic(path, json.dumps({"format_version": FORMAT_VERSION, **data}, indent=1).encode())
+    """An analysis result as JSON with its format_version (NaN written as null)."""
+    write_bytes(path, _json_bytes({"format_version": FORMAT_VERSION, **data}))
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(finite_json(data), indent=1, allow_nan=False) + "\n").encode()
+
+
+def _png_bytes(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
 
 
 def _figure(width_cells: int, height_cells: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     width = min(max(4.0, 0.45 * width_cells + 2.5), 40.0)
     height = min(max(3.0, 0.3 * height_cells + 1.5), 40.0)
-    return plt, plt.subplots(figsize=(width, height))
+    return subplots(figsize=(width, height))
 
 
 def heatmap(grid: Grid, path: str | Path, *, annotate: list[list[str]] | None = None) -> Path:
-    """A heatmap written atomically as PNG: diverging and centred at 0 (red positive, blue negative),
-    or white-to-red when no value is negative. `annotate` puts a text in each cell (e.g. the logit
-    lens's top token)."""
+    """`heatmap_figure` written atomically as PNG."""
+    return _save_figure(heatmap_figure(grid, annotate=annotate), path)
+
+
+def heatmap_figure(grid: Grid, *, annotate: list[list[str]] | None = None):
+    """A heatmap Figure: diverging and centred at 0 (red positive, blue negative), or white-to-red
+    when no value is negative. `annotate` puts a text in each cell (e.g. the logit lens's top token)."""
     rows, cols = grid.values.shape
-    plt, (fig, ax) = _figure(cols, rows)
+    fig, ax = _figure(cols, rows)
     values = grid.values.float().numpy()
     finite = values[~(values != values)]  # drop NaN
     bound = float(abs(finite).max()) if finite.size else 1.0
@@ -158,12 +158,12 @@ def heatmap(grid: Grid, path: str | Path, *, annotate: list[list[str]] | None = 
             for c, text in enumerate(line):
                 ax.text(c, r, text, ha="center", va="center", fontsize=5)
     fig.tight_layout()
-    return _save_figure(plt, fig, path)
+    return fig
 
 
 def scatter(x: Tensor, y: Tensor, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
     """A scatter plot with the y = x line (for attribution vs true patching)."""
-    plt, (fig, ax) = _figure(10, 12)
+    fig, ax = _figure(10, 12)
     ax.scatter(x.flatten().numpy(), y.flatten().numpy(), s=8)
     lo = float(torch.minimum(x.min(), y.min()))
     hi = float(torch.maximum(x.max(), y.max()))
@@ -172,12 +172,8 @@ def scatter(x: Tensor, y: Tensor, path: str | Path, *, xlabel: str, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save_figure(plt, fig, path)
+    return _save_figure(fig, path)
 
 
-def _save_figure(plt, fig, path: str | Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-    return Path(path)
+def _save_figure(fig, path: str | Path) -> Path:
+    return write_bytes(path, _png_bytes(fig))

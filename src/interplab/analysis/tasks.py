@@ -414,7 +414,9 @@ def load_facts(path: str | Path, *, metric: str | None = None, multi_token: str 
     if not path.is_file():
         raise ValueError(f"facts file {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    from interplab.files import read_text
+
+    for number, line in enumerate(read_text(path, "facts file").splitlines(), start=1):
         if line.strip():
             rows.append(_fact_row(line, number, path))
     if not rows:

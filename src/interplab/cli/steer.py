@@ -301,13 +301,13 @@ def _print_sweep(rows) -> None:
 
 
 def _plot_report(report, path: Path) -> None:
-    from interplab.steering.evaluate import _pyplot, _save
+    from interplab.figures import subplots
+    from interplab.steering.evaluate import _save
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     ax.plot([s.layer for s in report], [s.accuracy for s in report], marker="o", label="held-out accuracy")
     ax.plot([s.layer for s in report], [s.pair_accuracy for s in report], marker=".", label="pair accuracy")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="layer", ylabel="accuracy", ylim=(0, 1.02), title="separation of held-out pairs")
     ax.legend(fontsize=8)
-    _save(fig, path, plt)
+    _save(fig, path)

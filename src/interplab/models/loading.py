@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,13 +179,25 @@ def converted_dir(alias: Alias) -> Path:
     return cache_root() / f"{alias.name}-transformers{major}"
 
 
+STALE_AFTER_S = 6 * 3600
+"""A conversion temporary this old is swept even if its owner looks alive (a conversion takes a minute;
+the pid may have been reused, or the owner may be on another machine sharing the cache)."""
+
+
 def convert_gguf_once(alias: Alias, gguf: Path) -> Path:
-    """Dequantise the GGUF into a safetensors folder in the cache, once; return the folder."""
+    """Dequantise the GGUF into a safetensors folder in the cache, once; return the folder.
+
+    The work happens in a temporary sibling named after this host and process
+    (``.<alias>.convert-<host>-<pid>-<random>``) and is renamed into place at the end; temporaries
+    left by a killed conversion (dead owner on this host, or older than STALE_AFTER_S) are swept first.
+    """
     target = converted_dir(alias)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias.name}-{uuid.uuid4().hex[:8]}-", dir=target.parent))
+    sweep_stale_conversions(target.parent, alias)
+    prefix = f"{_temp_prefix(alias)}{_host()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         _write_converted(gguf, tmp)
         try:
@@ -197,6 +208,51 @@ def convert_gguf_once(alias: Alias, gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def sweep_stale_conversions(folder: Path, alias: Alias, *, now: float | None = None) -> list[Path]:
+    """Remove the temporaries of killed conversions of `alias` in `folder`; return what was removed.
+
+    One is stale when its owner process (named in the folder name) is dead on this host, or when
+    it is older than STALE_AFTER_S. A live conversion on this host is never touched."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    for path in folder.glob(_temp_prefix(alias) + "*"):
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:  # its owner just finished or swept it
+            continue
+        if path.is_dir() and (age > STALE_AFTER_S or _owner_dead(path.name)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _temp_prefix(alias: Alias) -> str:
+    return f".{alias.name}.convert-"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace("-", "_")
+
+
+def _owner_dead(name: str) -> bool:
+    """Whether the temporary's owner (``...convert-<host>-<pid>-...``) is a dead process on this host;
+    False when unknown (another host, or a name without a pid)."""
+    parts = name.split(".convert-", 1)[-1].split("-")
+    if len(parts) < 3 or parts[0] != _host() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _write_converted(gguf: Path, out: Path) -> None:
@@ -225,8 +281,11 @@ def _from_pretrained(source: str, dtype, attn_implementation: str | None):
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise ValueError(_not_found_message(source, f"{type(err).__name__}: {err}")) from None
+    except Exception as err:
+        _check_local_weights(source)  # a truncated or corrupt file gets a message naming it
+        if isinstance(err, OSError):
+            raise ValueError(_not_found_message(source, f"{type(err).__name__}: {err}")) from None
+        raise
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
@@ -234,6 +293,25 @@ def _from_pretrained(source: str, dtype, attn_implementation: str | None):
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_local_weights(source: str) -> None:
+    """Raise an ArtifactError naming the first unreadable safetensors file of a local model folder
+    (an interrupted download or copy is common); do nothing when they all open."""
+    from safetensors import safe_open
+
+    from interplab.errors import ArtifactError
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass  # opening checks the header and that the data covers every tensor
+        except Exception as err:
+            raise ArtifactError(f"{path} is truncated or corrupt ({err}): the model folder is incomplete "
+                                "(an interrupted download or copy?); download or copy it again") from None
 
 
 def _fast_tokenizer_file(source: str):

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from interplab.hooks import HookSession
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.progress import progress as progress_items
 from interplab.sae.metrics import MetricsAccumulator, SAEMetrics, ce_loss_recovered
 from interplab.sae.model import SAE
 from interplab.sae.store import Harvester, site_width, special_token_ids
@@ -175,7 +176,7 @@ def evaluate_downstream(
     was_training = sae.training
     sae.eval()
     try:
-        for start in _progress(range(0, windows.shape[0], batch_size), progress):
+        for start in progress_items(range(0, windows.shape[0], batch_size), progress, desc="eval", unit="batch"):
             ids, keep = windows[start:start + batch_size], keep_all[start:start + batch_size]
             _score_batch(model, sae, resolved, ids, keep, mean, accumulator, totals)
     finally:
@@ -302,14 +303,6 @@ def _downstream_result(totals: dict, ablation: str) -> DownstreamMetrics:
         recovered = math.nan
     return DownstreamMetrics(n, clean, sae_loss, ablated, ablation, recovered,
                              totals["kl_sae"] / n, totals["kl_ablated"] / n)
-
-
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="eval", unit="batch")
 
 
 def forward_loss(model: LoadedModel, windows: Tensor, *, batch_size: int = 8) -> float:

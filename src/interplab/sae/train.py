@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from interplab.errors import ArtifactError
-from interplab.files import (append_jsonl, atomic_folder, atomic_write, config_field, read_json_object, read_jsonl,
-                             write_json, write_text)
+from interplab.files import (append_jsonl, atomic_folder, atomic_write, config_field, finite_json, read_json_object,
+                             read_jsonl, write_json, write_text)
 from interplab.progress import progress_bar
 from interplab.sae.config import SAEConfig
 from interplab.sae.formats import load_sae, sae_digest, save_sae
@@ -445,7 +445,7 @@ class _MetricsLog:
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.path is not None:
             for record in records:
-                append_jsonl(self.path, _json_safe(record))  # one write per line: a kill tears at most the last
+                append_jsonl(self.path, finite_json(record))  # one write per line: a kill tears at most the last
         if self.writer is not None:
             for record in records:
                 for key, value in record.items():
@@ -455,11 +455,6 @@ class _MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """NaN and inf (a diverged run) are not JSON: they are logged as null."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _truncate_log(path: Path, resume_step: int) -> None:

@@ -24,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from interplab.errors import ArtifactError
+from interplab.files import read_text
+
 AB_ANSWER = re.compile(r"^\(([AB])\)$")
 KINDS = ("ab", "prompt_completion", "texts", "actadd")
 
@@ -111,8 +114,8 @@ def read_pairs(path: str | os.PathLike, *, skip_invalid: bool = False) -> Contra
     the few (C)/(D) items in CAA's power-seeking and survival-instinct test sets."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no contrast-pair file at {path}")
-    text = path.read_text(encoding="utf-8")
+        raise ArtifactError(f"no contrast-pair file at {path}")
+    text = read_text(path, "contrast-pair file")
     if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
         return _read_jsonl(text, str(path))
     items = json_list_items(text, str(path))
@@ -126,8 +129,8 @@ def read_caa(path: str | os.PathLike, *, skip_invalid: bool = False) -> Contrast
     answer_not_matching_behavior objects)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no CAA dataset at {path}")
-    return _caa_dataset(json_list_items(path.read_text(encoding="utf-8"), str(path)), str(path), skip_invalid)
+        raise ArtifactError(f"no CAA dataset at {path}")
+    return _caa_dataset(json_list_items(read_text(path, "CAA dataset"), str(path)), str(path), skip_invalid)
 
 
 def actadd_pair(positive: str, negative: str) -> ContrastDataset:

@@ -16,6 +16,7 @@ Results are plain rows (dataclasses) written as CSV and JSON, with PNG plots.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -25,10 +26,13 @@ from pathlib import Path
 
 import torch
 
+from interplab import files
+from interplab.figures import save_png, subplots
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions
+from interplab.progress import progress as _progress_items
 from interplab.steering.datasets import ContrastDataset
-from interplab.steering.vector import SteeringVector, instruction_tail_tokens, write_json_atomic
+from interplab.steering.vector import SteeringVector, instruction_tail_tokens
 
 NEUTRAL_TEXTS = (
     "The library opens at nine in the morning and closes at six in the evening on weekdays.",
@@ -85,7 +89,7 @@ def ab_sweep(model, vector: SteeringVector, dataset: ContrastDataset, *, layers=
     baseline = None
     rows = []
     cells = [(layer, m) for layer in layers for m in multipliers]
-    for layer, multiplier in _progress(cells, progress, "A/B sweep"):
+    for layer, multiplier in _progress_items(cells, progress, desc="A/B sweep"):
         if multiplier == 0:
             baseline = baseline or ab_scores(model, prompts, batch_size=batch_size)
             p_match, p_ab = baseline
@@ -197,7 +201,7 @@ def damage(model, vector: SteeringVector, *, layers=None, multipliers: Sequence[
     base = [_log_probs(model, batch) for batch in batches]
     base_ce = _cross_entropy(base, batches)
     rows = []
-    for layer, multiplier in _progress([(la, m) for la in layers for m in multipliers], progress, "damage"):
+    for layer, multiplier in _progress_items([(la, m) for la in layers for m in multipliers], progress, desc="damage"):
         if multiplier == 0:
             rows.append(DamageRow(layer, 0.0, base_ce, 0.0, 0.0))
             continue
@@ -293,49 +297,44 @@ def write_rows(rows: Sequence, folder: str | os.PathLike, name: str) -> tuple[Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dicts = [asdict(r) if not isinstance(r, dict) else r for r in rows]
-    write_json_atomic(folder / f"{name}.json", dicts)
-    csv_path = folder / f"{name}.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dicts[0]) if dicts else [])
-        writer.writeheader()
-        writer.writerows(dicts)
-    os.replace(tmp, csv_path)
+    files.write_json(folder / f"{name}.json", files.finite_json(dicts))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(dicts[0]) if dicts else [])
+    writer.writeheader()
+    writer.writerows(dicts)
+    files.write_text(folder / f"{name}.csv", table.getvalue())
     return folder / f"{name}.csv", folder / f"{name}.json"
 
 
 def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "A/B behaviour score") -> Path:
     """Score vs multiplier, one line per layer."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for layer in sorted({r.layer for r in rows}):
         mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.multiplier)
         ax.plot([r.multiplier for r in mine], [r.p_match for r in mine], marker="o", label=f"layer {layer}")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="multiplier", ylabel="p(matching answer), normalised", title=title, ylim=(0, 1))
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
 def plot_heatmap(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "A/B score: layer x multiplier") -> Path:
-    plt = _pyplot()
     layers = sorted({r.layer for r in rows})
     mults = sorted({r.multiplier for r in rows})
     grid = torch.full((len(layers), len(mults)), float("nan"))
     for r in rows:
         grid[layers.index(r.layer), mults.index(r.multiplier)] = r.p_match
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(mults), 1.2 + 0.3 * len(layers)))
+    fig, ax = subplots(figsize=(1.0 + 0.7 * len(mults), 1.2 + 0.3 * len(layers)))
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=1)
     ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
     ax.set_yticks(range(len(layers)), [str(la) for la in layers])
     ax.set(xlabel="multiplier", ylabel="layer", title=title)
     fig.colorbar(image, ax=ax, label="p(match)")
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
 def plot_damage(rows: Sequence[DamageRow], path: str | os.PathLike) -> Path:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = subplots(1, 2, figsize=(9, 3.6))
     for layer in sorted({r.layer for r in rows}):
         mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.multiplier)
         left.plot([r.multiplier for r in mine], [r.delta_ce for r in mine], marker="o", label=f"layer {layer}")
@@ -343,35 +342,12 @@ def plot_damage(rows: Sequence[DamageRow], path: str | os.PathLike) -> Path:
     left.set(xlabel="multiplier", ylabel="Δ cross-entropy (nats)", title="damage on neutral text")
     right.set(xlabel="multiplier", ylabel="KL(base || steered)", title="KL to the unsteered model")
     left.legend(fontsize=7)
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path, plt) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc)
+    return save_png(fig, path, dpi=110)
 
 
 def sweep_summary(rows: Sequence[SweepRow]) -> dict:
@@ -387,7 +363,5 @@ def sweep_summary(rows: Sequence[SweepRow]) -> dict:
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, json.loads(json.dumps(data, default=str)))
-    return path
+    """`data` as JSON (values JSON cannot hold are written as their str())."""
+    return files.write_json(path, files.finite_json(json.loads(json.dumps(data, default=str))))

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from interplab.cache import capture
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.progress import progress as progress_items
 from interplab.steering.datasets import ContrastDataset, ContrastPair
 from interplab.steering.vector import STEERABLE_SITES, SteeringVector
 
@@ -251,7 +252,7 @@ def read_activations(model, dataset: ContrastDataset, *, layers, read: str = "au
     out = torch.zeros(len(texts), len(layers), model.d_model)  # (2 * pairs, layers, d_model)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i].ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in _progress(batches, progress, "reading activations"):
+    for batch in progress_items(batches, progress, desc="reading activations"):
         cache = capture(model, sites, [list(texts[i].ids) for i in batch], batch_size=len(batch))
         weights = _span_weights([texts[i] for i in batch], cache.input_ids.shape[1])  # (batch, seq)
         for j, name in enumerate(sites):
@@ -416,9 +417,3 @@ def _use_chat(model: LoadedModel, dataset: ContrastDataset, chat: bool | None) -
     return bool(chat)
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc)

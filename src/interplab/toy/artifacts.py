@@ -1,63 +1,39 @@
-"""Atomic writers for the toy models' output folders (JSON + safetensors, readable without interplab)."""
+"""Output folders of the toy models (JSON + safetensors + PNG, readable without interplab).
+
+Every file goes through `interplab.files`; a run folder is built in a temporary sibling and
+swapped in whole (`run_folder`), so a run that fails or is killed leaves the previous results
+(or nothing), never a summary that disagrees with its weights.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
+
+from interplab.figures import save_png
+from interplab.files import atomic_folder, check_replaceable, load_tensors, save_tensors, write_json
+
+__all__ = ["FORMAT_VERSION", "load_tensors", "run_folder", "save_figure", "save_tensors", "write_json"]
 
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))  # same folder, so os.replace is atomic
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+@contextlib.contextmanager
+def run_folder(out: str | Path, what: str = "toy run folder") -> Iterator[Path]:
+    """Build a run folder in a temporary sibling of `out` and swap it in whole on success.
+    An existing non-empty folder is replaced only if it is a run folder itself."""
+    out = Path(out)
+    check_replaceable(out, _is_run_folder, what)
+    with atomic_folder(out) as tmp:
+        yield tmp
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON, atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(path, write)
-
-
-def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a dict of tensors as safetensors, atomically (tensors are made contiguous first)."""
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() or (folder / "config.json").is_file()
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-
-    try:
-        _atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    """Save a matplotlib Figure as PNG, atomically. Figures are made with `matplotlib.figure.Figure`
+    (not pyplot), so nothing global needs closing and a notebook's backend is left alone."""
+    save_png(fig, path, dpi=dpi, bbox_inches="tight")

@@ -14,10 +14,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from interplab.toy import plots
-from interplab.toy.artifacts import FORMAT_VERSION, save_figure, save_tensors, write_json
+from interplab.toy.artifacts import FORMAT_VERSION, run_folder, save_figure, save_tensors, write_json
 from interplab.toy.grokking import (
-    GrokkingConfig, embedding_frequency_norms, key_frequencies, phase_steps, progress_measures, save_run, summarize,
-    train_grokking,
+    GrokkingConfig, embedding_frequency_norms, key_frequencies, phase_steps, progress_measures, summarize,
+    train_grokking, write_run_files,
 )
 from interplab.toy.superposition import (
     SuperpositionConfig, SuperpositionRun, phase_diagram, report, train_superposition,
@@ -54,8 +54,14 @@ def run_superposition_experiments(
     phase_diagram: bool = True,
     progress: bool = False,
 ) -> dict:
-    """The user's model (`config`) plus the paper's fixed-setting figures; returns the summary."""
-    out = Path(out)
+    """The user's model (`config`) plus the paper's fixed-setting figures; returns the summary.
+    `out` is written whole at the end (see `interplab.toy.artifacts.run_folder`)."""
+    with run_folder(out) as tmp:
+        return _superposition_experiments(config, tmp, heatmaps, dimensionality, phase_diagram, progress)
+
+
+def _superposition_experiments(config: SuperpositionConfig, out: Path, heatmaps: bool, dimensionality: bool,
+                               phase_diagram: bool, progress: bool) -> dict:
     figures = out / "figures"
     summary: dict = {"format_version": FORMAT_VERSION}
     main = train_superposition(config, progress=progress)
@@ -103,14 +109,19 @@ def _phase_diagrams(out: Path, seed: int, progress: bool) -> dict:
 
 
 def run_grokking_experiment(config: GrokkingConfig, out: Path, *, progress: bool = False) -> dict:
-    """Train, detect the phase steps, find key frequencies, compute progress measures, save."""
-    out = Path(out)
+    """Train, detect the phase steps, find key frequencies, compute progress measures, save
+    (`out` is written whole at the end, see `interplab.toy.artifacts.run_folder`)."""
     run = train_grokking(config, progress=progress)
     norms = embedding_frequency_norms(run.model)
     keys = key_frequencies(norms)
     measures = progress_measures(run, keys)
     memorised, generalised = phase_steps(run.history)
-    save_run(run, out)
+    with run_folder(out) as tmp:
+        return _save_grokking(run, tmp, norms, keys, measures, memorised, generalised)
+
+
+def _save_grokking(run, out: Path, norms, keys, measures, memorised, generalised) -> dict:
+    write_run_files(run, out)
     summary = {"format_version": FORMAT_VERSION, **asdict(summarize(run, keys))}
     summary["progress_measures"] = asdict(measures)
     summary["frequency_norms"] = norms.tolist()

@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from interplab.toy.artifacts import FORMAT_VERSION, load_tensors, save_tensors, write_json
+from interplab.errors import ArtifactError
+from interplab.files import read_json_object
+from interplab.progress import progress_bar
+from interplab.toy.artifacts import FORMAT_VERSION, load_tensors, run_folder, save_tensors, write_json
 
 #: memorisation = first logged step with train accuracy >= this
 MEMORISATION_ACCURACY = 0.99
@@ -311,7 +314,7 @@ def train_grokking(config: GrokkingConfig, *, progress: bool = False) -> Grokkin
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     history, checkpoints = GrokkingHistory(), {}
     stop_at, start, step = config.steps, time.perf_counter(), 0
-    bar = _progress_bar(config.steps, progress)
+    bar = progress_bar(progress, total=config.steps, desc="grokking")
     for step in range(config.steps + 1):
         if step % config.checkpoint_every == 0 or step == stop_at:
             checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -327,8 +330,7 @@ def train_grokking(config: GrokkingConfig, *, progress: bool = False) -> Grokkin
         loss.backward()
         optimizer.step()
         warmup.step()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return GrokkingRun(config, model, data, history, checkpoints, time.perf_counter() - start, step)
 
 
@@ -359,20 +361,9 @@ def evaluate(
     return float(cross_entropy(logits, labels)), float((logits.argmax(-1) == labels).float().mean())
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="grokking", mininterval=0.5)
-
-
 def _update_bar(bar, step: int, history: GrokkingHistory) -> None:
-    if bar is None:
-        return
-    bar.n = step
-    bar.set_postfix(train=f"{history.train_accuracy[-1]:.2f}", test=f"{history.test_accuracy[-1]:.2f}", refresh=False)
-    bar.refresh()
+    bar.update(step - getattr(bar, "n", step))  # tqdm counts from its own n; the silent stand-in has none
+    bar.set_postfix(train=f"{history.train_accuracy[-1]:.2f}", test=f"{history.test_accuracy[-1]:.2f}")
 
 
 def phase_steps(history: GrokkingHistory) -> tuple[int | None, int | None]:
@@ -539,8 +530,14 @@ def _config_dict(config: GrokkingConfig) -> dict:
 
 
 def save_run(run: GrokkingRun, directory: Path) -> None:
-    """Write config.json, model.safetensors, checkpoints/step_XXXXXX.safetensors and history.json."""
-    directory = Path(directory)
+    """Write config.json, model.safetensors, checkpoints/step_XXXXXX.safetensors and history.json,
+    as one folder swapped in whole."""
+    with run_folder(directory, "grokking run folder") as tmp:
+        write_run_files(run, tmp)
+
+
+def write_run_files(run: GrokkingRun, directory: Path) -> None:
+    """The files of `save_run`, written into an existing (temporary) folder."""
     config = {"format_version": FORMAT_VERSION, "kind": "grokking", **_config_dict(run.config)}
     write_json(directory / "config.json", config)
     save_tensors(directory / "model.safetensors", run.model.state_dict())
@@ -551,21 +548,22 @@ def save_run(run: GrokkingRun, directory: Path) -> None:
 
 def load_model(directory: Path, step: int | None = None) -> GrokTransformer:
     """Load a saved model (the final weights, or the checkpoint at `step`)."""
-    import json
-
     directory = Path(directory)
-    raw = json.loads((directory / "config.json").read_text())
+    raw = read_json_object(directory / "config.json", "grokking run config")
     if raw.get("format_version") != FORMAT_VERSION or raw.get("kind") != "grokking":
         raise ValueError(f"{directory} is not a grokking run folder (format_version {FORMAT_VERSION})")
     fields = {k: v for k, v in raw.items() if k not in ("format_version", "kind")}
-    config = GrokkingConfig(**{**fields, "betas": tuple(fields["betas"])})
+    try:
+        config = GrokkingConfig(**{**fields, "betas": tuple(fields["betas"])})
+    except (TypeError, KeyError, ValueError) as err:
+        raise ArtifactError(f"{directory / 'config.json'}: not a valid grokking config ({err})") from None
     checkpoints = directory / "checkpoints"
     path = directory / "model.safetensors" if step is None else checkpoints / f"step_{step:06d}.safetensors"
     if not path.exists():
         saved = sorted(p.name for p in checkpoints.glob("*.safetensors"))
-        raise FileNotFoundError(f"{path} not found; saved checkpoints: {saved}")
+        raise ArtifactError(f"{path} not found; saved checkpoints: {saved}")
     model = GrokTransformer(config)
-    model.load_state_dict(load_tensors(path))
+    model.load_state_dict(load_tensors(path, "grokking weights file"))
     return model
 
 

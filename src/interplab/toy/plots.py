@@ -1,4 +1,4 @@
-"""Figures for the toy models (matplotlib, Agg backend, imported inside each function).
+"""Figures for the toy models (matplotlib Figure objects, no pyplot; see `interplab.figures`).
 
 Every function returns a matplotlib Figure; `interplab.toy.artifacts.save_figure` writes it.
 """
@@ -8,18 +8,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from interplab.figures import colormap, subplots
+
 if TYPE_CHECKING:  # pragma: no cover
     from interplab.toy.grokking import GrokkingHistory, ProgressMeasures
     from interplab.toy.superposition import PhaseDiagram, SuperpositionRun
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _density_label(sparsity: float) -> str:
@@ -34,14 +27,13 @@ def feature_geometry(run: SuperpositionRun):
 
     Colour shows importance (yellow = most important); a dot marks each feature's tip.
     """
-    plt = _pyplot()
     from interplab.toy.superposition import importance_matrix
 
     W, config = run.W, run.config
     importance = importance_matrix(config)
     k = config.n_instances
-    fig, axes = plt.subplots(1, k, figsize=(2.2 * k, 2.6), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = subplots(1, k, figsize=(2.2 * k, 2.6), squeeze=False)
+    cmap = colormap("viridis")
     for idx, ax in enumerate(axes[0]):
         rel = importance[idx] / importance[idx].max().clamp_min(1e-12)
         for i in range(config.n_features):
@@ -61,11 +53,10 @@ def feature_geometry(run: SuperpositionRun):
 
 def gram_heatmaps(runs: dict[str, SuperpositionRun]):
     """W^T W (the feature Gram matrix) beside the bias b, one column per sparsity, one row per model."""
-    plt = _pyplot()
 
     names = list(runs)
     k = runs[names[0]].config.n_instances
-    fig, axes = plt.subplots(len(names), 2 * k, figsize=(2.0 * k + 1, 2.2 * len(names)), squeeze=False,
+    fig, axes = subplots(len(names), 2 * k, figsize=(2.0 * k + 1, 2.2 * len(names)), squeeze=False,
                              gridspec_kw={"width_ratios": [10, 1] * k})
     for row, name in enumerate(names):
         run = runs[name]
@@ -87,13 +78,12 @@ def gram_heatmaps(runs: dict[str, SuperpositionRun]):
 
 def norm_superposition_bars(runs: dict[str, SuperpositionRun]):
     """Per-feature ||W_i|| bars coloured by superposition sum_{j!=i} (W_hat_i . W_j)^2 (black: none)."""
-    plt = _pyplot()
     from interplab.toy.superposition import feature_norms, superposition_interference
 
     names = list(runs)
     k = runs[names[0]].config.n_instances
-    fig, axes = plt.subplots(len(names), k, figsize=(2.2 * k, 2.4 * len(names)), squeeze=False, sharex=True)
-    cmap = plt.get_cmap("plasma")
+    fig, axes = subplots(len(names), k, figsize=(2.2 * k, 2.4 * len(names)), squeeze=False, sharex=True)
+    cmap = colormap("plasma")
     for row, name in enumerate(names):
         run = runs[name]
         norms, interference = feature_norms(run.W), superposition_interference(run.W)
@@ -115,14 +105,13 @@ def norm_superposition_bars(runs: dict[str, SuperpositionRun]):
 
 def dimensions_per_feature_plot(run: SuperpositionRun):
     """D* = m / ||W||_F^2 against 1/(1-S) (line), with every feature's dimensionality D_i (dots)."""
-    plt = _pyplot()
     from interplab.toy.superposition import dimensions_per_feature, feature_dimensionality, feature_norms
 
     config, W = run.config, run.W
     x = [1.0 / (1.0 - s) for s in config.sparsities]
     d_star = dimensions_per_feature(W).tolist()
     dims, norms = feature_dimensionality(W), feature_norms(W)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     for idx, xi in enumerate(x):
         kept = dims[idx][norms[idx] > 0.5].tolist()
         jitter = [xi * math.exp(0.04 * ((j % 5) - 2)) for j in range(len(kept))]
@@ -142,14 +131,13 @@ def dimensions_per_feature_plot(run: SuperpositionRun):
 
 def phase_diagram_plot(diagrams: list[PhaseDiagram]):
     """Which phase feature 2 is in, over density (x, log) and relative importance (y, log)."""
-    plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     from interplab.toy.superposition import PHASES
 
     colors = ["#f0f0f0", "#4c72b0", "#dd8452"]
-    fig, axes = plt.subplots(1, len(diagrams), figsize=(4.2 * len(diagrams), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(diagrams), figsize=(4.2 * len(diagrams), 3.8), squeeze=False)
     for ax, diagram in zip(axes[0], diagrams):
         d, r = diagram.density, diagram.relative_importance
         ax.pcolormesh(_edges(d), _edges(r), diagram.phase, cmap=ListedColormap(colors), vmin=-0.5, vmax=2.5)
@@ -179,9 +167,8 @@ def _edges(values: list[float]) -> list[float]:
 
 def grokking_curves(history: GrokkingHistory, memorisation_step: int | None, generalisation_step: int | None):
     """Train / test loss and accuracy (log scales) and the total weight norm, with phase markers."""
-    plt = _pyplot()
 
-    fig, (loss_ax, acc_ax, norm_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (loss_ax, acc_ax, norm_ax) = subplots(1, 3, figsize=(14, 3.8))
     steps = [max(s, 1) for s in history.step]
     loss_ax.plot(steps, history.train_loss, label="train")
     loss_ax.plot(steps, history.test_loss, label="test")
@@ -212,11 +199,10 @@ def _phase_lines(ax, memorisation_step: int | None, generalisation_step: int | N
 
 def embedding_fourier(norms, keys: list[int]):
     """Squared norm of the embedding carried by each frequency k, key frequencies highlighted."""
-    plt = _pyplot()
 
     values = norms.tolist()
     total = sum(values)
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = subplots(figsize=(8, 3))
     colors = ["tab:red" if k + 1 in keys else "tab:gray" for k in range(len(values))]
     ax.bar(range(1, len(values) + 1), [v / total for v in values], color=colors)
     ax.set_xlabel("frequency k (w = 2 pi k / p)")
@@ -228,9 +214,8 @@ def embedding_fourier(norms, keys: list[int]):
 def progress_measures_plot(measures: ProgressMeasures, history: GrokkingHistory,
                            memorisation_step: int | None, generalisation_step: int | None):
     """Restricted and excluded loss beside train/test loss, and the key-frequency norm fraction."""
-    plt = _pyplot()
 
-    fig, (loss_ax, frac_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, (loss_ax, frac_ax) = subplots(1, 2, figsize=(12, 3.8))
     steps = [max(s, 1) for s in measures.step]
     loss_ax.plot([max(s, 1) for s in history.step], history.train_loss, label="train loss", lw=1)
     loss_ax.plot([max(s, 1) for s in history.step], history.test_loss, label="test loss", lw=1)

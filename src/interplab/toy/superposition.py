@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interplab.progress import progress as progress_items
+
 Activation = Literal["relu", "linear"]
 Correlation = Literal["none", "correlated", "anticorrelated"]
 
@@ -238,7 +240,7 @@ def train_superposition(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     losses, logged = [], []
     desc = f"superposition n={config.n_features} m={config.n_hidden} x{config.n_instances}"
-    for step in _progress(range(config.steps), progress, desc):
+    for step in progress_items(range(config.steps), progress, desc=desc):
         x = sample_features(config.batch_size, feature_probability, config.n_features, config.correlation, generator)
         loss = importance_weighted_loss(x, model(x), importance)
         optimizer.zero_grad(set_to_none=True)
@@ -248,14 +250,6 @@ def train_superposition(
             losses.append(loss.detach())
             logged.append(step)
     return SuperpositionRun(config, model, torch.stack(losses), logged)
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, mininterval=0.5)
 
 
 # ----------------------------------------------------------------------------- analysis
