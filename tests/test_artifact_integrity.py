@@ -140,3 +140,19 @@ def test_sae_save_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(ArtifactError, match="holds other files"):
         save_sae(sae(k=2), tmp_path / "out")
     assert (tmp_path / "out" / "data.bin").exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda c: c["config"].update(d_sae="16"), r"d_sae must be a positive int, got '16'"),
+    (lambda c: c["config"].update(site=7), r"site must be a string"),
+    (lambda c: c.update(config=[1, 2]), r"SAEConfig.from_dict expects a dict, got list"),
+    (lambda c: c.update(tensors_digest=3), r"tensors_digest must be a string"),
+])
+def test_wrong_sae_config_field_types_name_the_file(tmp_path, change, fragment):
+    save_sae(sae(k=2), tmp_path / "sae")
+    path = tmp_path / "sae" / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match=rf"config.json.*{fragment}"):
+        load_sae(tmp_path / "sae")
