@@ -215,8 +215,8 @@ def test_search_treats_percent_and_underscore_literally(index):
         assert all(h.matched != "label" or word[0] + "_" not in h.label for h in index.search(word[0] + "_"))
 
 
-@pytest.mark.parametrize("name", ["a#b.db", "what?.db", "with space.db", "naïve→.db", "100%.db"])
-def test_index_paths_with_uri_characters_work_and_create_nothing(llama, sae, windows, tmp_path, name):
+def test_index_paths_with_uri_characters_work_and_create_nothing(llama, sae, windows, tmp_path):
+    name = "a#b?c 100% naïve→.db"  # '#', '?', '%', a space and non-ASCII: all URI syntax if pasted raw
     folder = tmp_path / "idx dir#1"
     path = folder / name
     build_feature_index(llama, sae, windows[:6], path, n_top=2, n_bins=4).close()

@@ -97,7 +97,7 @@ def train(
         store_cfg = StoreConfig(sites=(site,), context_length=context_length, batch_size=batch_size,
                                 buffer_tokens=max(buffer_tokens, 2 * batch_size), seed=seed)
         train_cfg = TrainConfig(n_steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                                dead_after_tokens=dead_after_tokens)
+                                dead_after_tokens=dead_after_tokens, progress=True, tensorboard=True)
         if harvest is not None:
             harvest_to_disk(handle, corpus, harvest, store_cfg, n_tokens=n_tokens, progress=True)
             store = ActivationStore.from_disk(harvest, sites=[sae_cfg.site], batch_size=batch_size,
