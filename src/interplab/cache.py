@@ -87,7 +87,7 @@ def capture(
     *,
     batch_size: int = 8,
     padding_side: str = "right",
-    device: str | None = "cpu",
+    device: str | None = None,
     dtype: torch.dtype | None = None,
     logits: bool = False,
     stop_early: bool = True,
@@ -97,8 +97,10 @@ def capture(
     """Run `inputs` through the model and keep the activations at `sites`.
 
     `inputs`: a text, texts, token ids (tensor or lists) or a tokenizer output; padded on
-    `padding_side`. Only the requested sites are stored, moved to `device` (None: stay where
-    they are) and cast to `dtype` (None: keep). Unless `logits=True`, the forward pass stops
+    `padding_side`. Only the requested sites are stored, on the device where they were computed
+    (a GPU keeps them there: no copy to the host in the forward pass), or moved to `device` when
+    given (`device="cpu"` to offload a large capture), and cast to `dtype` (None: keep). With a
+    model spread over devices (`load(..., device_map=...)`) each site stays on its block's device. Unless `logits=True`, the forward pass stops
     after the deepest requested site (the remaining layers would be wasted work).
     """
     model = as_loaded(model)

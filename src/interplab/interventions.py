@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from interplab.devices import Copies
 from interplab.hooks import HookContext, HookSession
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions, as_positions
@@ -144,13 +145,14 @@ class ProjectOut(Intervention):
 
     direction: Tensor
     positions: Positions | None = None
+    _copies: Copies = field(default_factory=Copies, repr=False)
 
     def validate(self, site, model):
         super().validate(site, model)
         self.direction = _check_direction(self.direction, site, model)
 
     def __call__(self, act, ctx):
-        unit = _unit(self.direction, act)
+        unit = self._copies.like(self.direction, act)
         new = act - (act * unit).sum(-1, keepdim=True) * unit
         return _replace(act, new, ctx, self.positions, None)
 
@@ -162,6 +164,7 @@ class ClampDirection(Intervention):
     direction: Tensor
     value: float
     positions: Positions | None = None
+    _copies: Copies = field(default_factory=Copies, repr=False)
 
     def validate(self, site, model):
         super().validate(site, model)
@@ -170,21 +173,17 @@ class ClampDirection(Intervention):
             raise ValueError(f"clamp value must be a finite number, got {self.value!r}")
 
     def __call__(self, act, ctx):
-        unit = _unit(self.direction, act)
+        unit = self._copies.like(self.direction, act)
         new = act + (self.value - (act * unit).sum(-1, keepdim=True)) * unit
         return _replace(act, new, ctx, self.positions, None)
 
 
 def _check_direction(direction, site: Site, model: LoadedModel) -> Tensor:
+    """The unit vector along a checked, non-zero direction."""
     direction = check_vector(direction, site, model, "direction")
     if float(direction.norm()) == 0:
         raise ValueError(f"the direction for {site.name} is the zero vector; it points nowhere")
-    return direction
-
-
-def _unit(direction: Tensor, like: Tensor) -> Tensor:
-    d = direction.to(device=like.device, dtype=like.dtype)
-    return d / d.norm()
+    return direction / direction.norm()
 
 
 @dataclass(eq=False)
@@ -212,6 +211,7 @@ class MeanAblate(Intervention):
     positions: Positions | None = None
     per_position: bool = False
     _means: dict = field(default_factory=dict, repr=False)
+    _copies: Copies = field(default_factory=Copies, repr=False)
 
     def validate(self, site, model):
         super().validate(site, model)
@@ -221,7 +221,7 @@ class MeanAblate(Intervention):
         self._means[site] = _masked_mean(source, mask, self.per_position)
 
     def __call__(self, act, ctx):
-        mean = self._means[ctx.site].to(device=act.device, dtype=act.dtype)
+        mean = self._copies.like(self._means[ctx.site], act)
         if self.per_position:
             rows = torch.zeros(act.shape[0], dtype=torch.long, device=act.device)
             mean = _gather_positions(mean[None], rows, ctx.positions(act), ctx.site)

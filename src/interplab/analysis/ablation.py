@@ -26,6 +26,7 @@ from interplab.analysis.components import Component, parse_component, parse_laye
 from interplab.analysis.report import Grid
 from interplab.analysis.tasks import EncodedTask, Task
 from interplab.cache import ActivationCache, capture
+from interplab.devices import Copies
 from interplab.interventions import (Intervention, InterventionHandle, check_vector, intervene,
                                      mean_ablate, resample_ablate, zero_ablate)
 from interplab.models.handle import LoadedModel, as_loaded
@@ -121,7 +122,7 @@ def reference_cache(model: LoadedModel, reference, sites: Sequence[Site]) -> Act
         return reference
     if isinstance(reference, Task):
         reference = list(reference.clean)
-    return capture(model, [s.name for s in sites], reference, padding_side="right")
+    return capture(model, [s.name for s in sites], reference, padding_side="right", device="cpu")
 
 
 @dataclass(eq=False)
@@ -137,6 +138,7 @@ class DirectionAblate(Intervention):
     positions: object = None
     seed: int = 0
     _targets: dict = field(default_factory=dict, repr=False)
+    _copies: Copies = field(default_factory=Copies, repr=False)
 
     def validate(self, site: Site, model: LoadedModel) -> None:
         super().validate(site, model)
@@ -151,7 +153,7 @@ class DirectionAblate(Intervention):
             self._generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, act: Tensor, ctx) -> Tensor:
-        unit = self._unit.to(device=act.device, dtype=act.dtype)
+        unit = self._copies.like(self._unit, act)
         proj = act @ unit  # (batch, seq)
         target = self._target(act, ctx).to(device=act.device, dtype=act.dtype)
         new = act + (target - proj)[..., None] * unit

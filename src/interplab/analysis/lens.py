@@ -111,7 +111,7 @@ def _answers(answer, n: int) -> list[str] | None:
 
 
 def _lens_batch(model: LoadedModel, texts: list[str], sites: list[str], top_k: int, answer_ids) -> dict:
-    cache = capture(model, sites, texts, padding_side="right")
+    cache = capture(model, sites, texts, padding_side="right", device="cpu")  # assembled on the CPU below
     lengths = cache.attention_mask.sum(-1)
     tokenizer = model.require_tokenizer()
     out: dict[str, list] = {"top_ids": [], "top_probs": [], "answer_prob": [], "answer_rank": []}

@@ -82,31 +82,57 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: never).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUT.")] = False,
     seed: int = 0,
+    precision: Annotated[str, typer.Option(help="float32, bf16 (autocast) or tf32 (CUDA matmuls); weights stay float32.")] = "float32",
+    device: Annotated[Optional[str], typer.Option(help="Training device (default: cuda when present; under torchrun each rank takes its own GPU).")] = None,
+    distribute_sites: Annotated[bool, typer.Option(help="Several sites (comma-separated --site): under torchrun each rank trains some sites' SAEs.")] = False,
 ) -> None:
-    """Harvest activations from a corpus and train an SAE on them."""
+    """Harvest activations from a corpus and train an SAE on them (under `torchrun`, data parallel:
+    each process reads its share of the corpus; see docs/scaling.md)."""
+    import torch
+
+    from interplab.sae import parallel
     from interplab.sae.config import SAEConfig
     from interplab.sae.store import ActivationStore, StoreConfig, harvest_to_disk, site_width
-    from interplab.sae.train import TrainConfig, train_sae
+    from interplab.sae.train import TrainConfig, train_saes
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group = parallel.init_from_env(device)
     handle = _load_model(model)
     with _user_errors():
-        width = site_width(handle, site)
-        sae_cfg = SAEConfig(d_in=width, d_sae=d_sae or 8 * width, family=family,
-                            k=k if family in ("topk", "batchtopk") else None,
-                            site=handle.site(site).name, model_id=handle.model_id)
-        store_cfg = StoreConfig(sites=(site,), context_length=context_length, batch_size=batch_size,
+        sites = [handle.site(s.strip()).name for s in site.split(",")] if distribute_sites else [handle.site(site).name]
+        sae_cfgs = {}
+        for name in sites:
+            width = site_width(handle, name)
+            sae_cfgs[name if distribute_sites else "sae"] = SAEConfig(
+                d_in=width, d_sae=d_sae or 8 * width, family=family, k=k if family in ("topk", "batchtopk") else None,
+                site=name, model_id=handle.model_id)
+        store_cfg = StoreConfig(sites=tuple(sites), context_length=context_length, batch_size=batch_size,
                                 buffer_tokens=max(buffer_tokens, 2 * batch_size), seed=seed)
         train_cfg = TrainConfig(n_steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                                dead_after_tokens=dead_after_tokens, progress=True, tensorboard=True)
+                                dead_after_tokens=dead_after_tokens, precision=precision, device=device,
+                                progress=group.is_writer, tensorboard=True)
+        share = (group.rank, group.world_size)
         if harvest is not None:
             harvest_to_disk(handle, corpus, harvest, store_cfg, n_tokens=n_tokens, progress=True)
-            store = ActivationStore.from_disk(harvest, sites=[sae_cfg.site], batch_size=batch_size,
+            store = ActivationStore.from_disk(harvest, sites=sites, batch_size=batch_size, share=share,
                                               buffer_tokens=store_cfg.buffer_tokens, seed=seed, repeat=True)
         else:
-            store = ActivationStore.from_corpus(handle, corpus, store_cfg, max_tokens=n_tokens, repeat=True)
-        train_sae(sae_cfg, store.batches(sae_cfg.site), train_cfg, out_dir=out, resume=resume)
-    _console().print(f"SAE saved to {out / 'sae'} ({store.tokens_read} activation rows read); "
-                     f"evaluate it with `interplab sae eval {out / 'sae'} --corpus ...`")
+            share_tokens = None if n_tokens is None else -(-n_tokens // group.world_size)
+            store = ActivationStore.from_corpus(handle, corpus, store_cfg, max_tokens=share_tokens, repeat=True,
+                                                share=share)
+        try:
+            if distribute_sites:
+                batches = ({s: chunk.acts[s] for s in sites} for chunk in store)
+                parallel.train_distributed_sites(sae_cfgs, batches, train_cfg, out_dir=out, resume=resume, group=group)
+            else:
+                train_saes(sae_cfgs, store.batches(sites[0]), train_cfg, out_dir=out, resume=resume, group=group)
+        except parallel.RankFailure as error:  # not the user's mistake, but no traceback either
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+    if group.is_writer:
+        where = out / "rank_*" if distribute_sites else out / "sae"
+        _console().print(f"SAE saved to {where} ({store.tokens_read} activation rows read by rank 0 of "
+                         f"{group.world_size}); evaluate it with `interplab sae eval {where} --corpus ...`")
 
 
 @app.command("eval")

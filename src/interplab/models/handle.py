@@ -86,7 +86,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the token embedding's device (its execution device when the model is
+        spread over devices with a device_map, where offloaded weights sit on 'meta')."""
+        planned = _planned_device(self.hf, self.embed)
+        return planned if planned is not None else self.embed.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,6 +146,21 @@ class LoadedModel:
                 "LoadedModel.wrap(model, tokenizer)"
             )
         return self.tokenizer
+
+
+def _planned_device(hf: nn.Module, module: nn.Module) -> torch.device | None:
+    """The device accelerate's device_map runs `module` on, or None without a device_map."""
+    device_map = getattr(hf, "hf_device_map", None)
+    if not device_map:
+        return None
+    name = next((n for n, m in hf.named_modules() if m is module), "")
+    owners = [key for key in device_map if key == "" or name == key or name.startswith(key + ".")]
+    if not owners:
+        return None
+    placed = device_map[max(owners, key=len)]
+    if placed in ("disk", "meta"):  # offloaded: run on the CPU
+        return torch.device("cpu")
+    return torch.device(f"cuda:{placed}" if isinstance(placed, int) else placed)
 
 
 def _in_features(module: nn.Module) -> int:

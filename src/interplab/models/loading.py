@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from interplab.errors import UserInputError
 from interplab.models.arch import Architecture
 from interplab.models.handle import LoadedModel
 
@@ -81,19 +82,29 @@ def load(
     device: str | None = None,
     architecture: Architecture | None = None,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, unmodified, with its architecture description.
 
     `name_or_path` is an alias (`interplab models` lists them), a local HF folder, or a
     Hub id. `dtype` is a torch dtype name; `device` defaults to CUDA when present.
+    `device_map` ("auto", "balanced", "sequential" or a dict {module name: device, "cpu" or
+    "disk"}) spreads the model over devices with accelerate, as `from_pretrained` does; then
+    `device` must be left out, and `offload_folder` holds the weights mapped to "disk".
+    Hooks run on each block's own device.
     """
     import torch
 
+    if device_map is not None and device is not None:
+        raise UserInputError("give either device= (one device) or device_map= (spread over devices), not both")
     torch_dtype = _parse_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_source(name_or_path)
-    hf, tokenizer = _from_pretrained(source, torch_dtype, attn_implementation)
-    hf.to(device).eval()
+    placement = {"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {}
+    hf, tokenizer = _from_pretrained(source, torch_dtype, attn_implementation, **placement)
+    if device_map is None:
+        hf.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf.eval()
     handle = LoadedModel.wrap(hf, tokenizer, architecture)
     handle.name, handle.source = name_or_path, str(source)
     return handle
@@ -273,10 +284,12 @@ def _write_converted(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _from_pretrained(source: str, dtype, attn_implementation: str | None):
+def _from_pretrained(source: str, dtype, attn_implementation: str | None, **placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": dtype}
+    if placement:
+        _require("accelerate", "pip install accelerate", why="a device_map needs it")
+    kwargs = {"dtype": dtype, **placement}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -351,9 +364,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _require(module: str, hint: str) -> None:
+def _require(module: str, hint: str, why: str = "reading GGUF files needs it") -> None:
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{module} is needed to read GGUF files: {hint}")
+        raise ImportError(f"{module} is not installed and {why}: {hint}")
 
 
 def _parse_dtype(dtype):

@@ -140,10 +140,18 @@ def step_count(pre: Tensor, threshold: Tensor, bandwidth: float) -> Float[Tensor
 
 
 def _scatter_rows(
-    indices: Int[Tensor, "batch k"], weights: Float[Tensor, "batch k"], rows: Float[Tensor, "batch d"], n_rows: int
+    indices: Int[Tensor, "batch k"], weights: Float[Tensor, "batch k"], rows: Float[Tensor, "batch d"], n_rows: int,
+    *, dense: bool | None = None,
 ) -> Float[Tensor, "n_rows d"]:
-    """out[i] = Σ_{b,j: indices[b,j] = i} weights[b,j]·rows[b], as one sparse (n_rows×batch) @ (batch×d)."""
+    """out[i] = Σ_{b,j: indices[b,j] = i} weights[b,j]·rows[b], as one sparse (n_rows×batch) @ (batch×d).
+
+    On CUDA (dense=None picks it there) the weights are scattered into a dense (batch, n_rows)
+    matrix and multiplied instead: a sparse COO product coalesces its indices, which makes the
+    device report a size to the host on every call, and the training loop must not wait for that."""
     batch, k = indices.shape
+    if dense if dense is not None else indices.is_cuda:
+        scattered = weights.new_zeros(batch, n_rows).scatter_(1, indices, weights)  # (batch, n_rows)
+        return scattered.T @ rows
     token = torch.arange(batch, device=indices.device).repeat_interleave(k)  # (batch*k,)
     coo = torch.sparse_coo_tensor(
         torch.stack([indices.reshape(-1), token]), weights.reshape(-1), (n_rows, batch),
@@ -287,7 +295,7 @@ class SAE(nn.Module):
             self.register_buffer("threshold", torch.zeros((), dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         self.use_sparse_kernels = True
-        """Use the sparse TopK training kernels on CPU (False: the dense reference path)."""
+        """Use the sparse TopK training kernels on CPU and CUDA (False: the dense reference path)."""
 
     def extra_repr(self) -> str:
         k = f", k={self.cfg.k}" if self.cfg.uses_k else ""
@@ -326,11 +334,18 @@ class SAE(nn.Module):
         *,
         dead_mask: Bool[Tensor, " d_sae"] | None = None,
         sparsity_scale: float = 1.0,
+        host_sync: bool = True,
     ) -> SAEOutput:
         """Reconstruct a batch and return the loss terms.
 
         dead_mask: latents considered dead (for TopK/BatchTopK's AuxK loss).
         sparsity_scale: factor in [0, 1] on the L1/L0 coefficient (the training warm-up).
+        host_sync: False never reads a tensor back to the host (the GPU training loop): AuxK is
+            then computed whenever dead_mask is given, over a fixed min(k_aux, d_sae) candidates
+            with the live ones masked out, which gives the same loss (0 when nothing is dead).
+
+        Under `torch.autocast` the encoder matmul runs in the autocast dtype; the sparse TopK
+        path keeps everything after it (gathers, decoder, losses) in the parameters' dtype.
         """
         self._check_input(x)
         if x.dim() != 2:
@@ -345,13 +360,12 @@ class SAE(nn.Module):
             )
         x_n = self._normalize(x)
         x_c = self._center(x_n)
+        aux = _AuxK(self.cfg, dead_mask, host_sync) if self._auxk_active(dead_mask, host_sync) else None
         if self._sparse_path(x_c):
-            out = self._forward_topk_sparse(x_n, x_c, dead_mask)
-        else:
-            out = self._forward_dense(x_n, x_c, dead_mask, sparsity_scale)
-        return out
+            return self._forward_topk_sparse(x_n, x_c, aux)
+        return self._forward_dense(x_n, x_c, aux, sparsity_scale)
 
-    def _forward_dense(self, x_n: Tensor, x_c: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_dense(self, x_n: Tensor, x_c: Tensor, aux: _AuxK | None, sparsity_scale: float) -> SAEOutput:
         pre = torch.addmm(self.b_enc, x_c, self.W_enc)
         acts = self._train_activation(pre)
         recon_n = acts @ self.W_dec + self.b_dec
@@ -362,25 +376,29 @@ class SAE(nn.Module):
         elif family == "jumprelu":
             l0 = step_count(pre, self.threshold, cfg.jumprelu_bandwidth)
             losses["l0"] = sparsity_scale * cfg.l0_coefficient * l0.mean()
-        elif self._auxk_active(dead_mask):
-            aux_values, aux_indices = self._dead_topk(pre, dead_mask)
+        elif aux is not None:
+            aux_values, aux_indices, live = aux.select(pre)
+            aux_values = aux_values if live is None else aux_values.masked_fill(live, 0.0)
             aux_recon = scatter_dense(aux_values, aux_indices, cfg.d_sae) @ self.W_dec
-            losses["auxk"] = self._auxk_loss(aux_recon, x_n - recon_n, dead_mask)
+            losses["auxk"] = aux.loss(aux_recon, x_n - recon_n)
         return SAEOutput(self._denormalize(recon_n), acts, None, losses, cfg.d_sae)
 
-    def _forward_topk_sparse(self, x_n: Tensor, x_c: Tensor, dead_mask: Tensor | None) -> SAEOutput:
+    def _forward_topk_sparse(self, x_n: Tensor, x_c: Tensor, aux: _AuxK | None) -> SAEOutput:
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)  # the autocast dtype under autocast
             indices = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
-        values = _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, indices).relu()
-        recon_n = _SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
-        losses = {"mse": _sum_sq(recon_n - x_n)}
-        if self._auxk_active(dead_mask):
-            with torch.no_grad():
-                aux_indices = self._dead_topk(pre, dead_mask)[1]
-            aux_values = _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, aux_indices)
-            aux_recon = _SparseDecode.apply(aux_values, aux_indices, self.W_dec)
-            losses["auxk"] = self._auxk_loss(aux_recon, x_n - recon_n, dead_mask)
+        with torch.autocast(x_c.device.type, enabled=False):
+            pre = pre.to(x_c.dtype)
+            values = _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, indices).relu()
+            recon_n = _SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
+            losses = {"mse": _sum_sq(recon_n - x_n)}
+            if aux is not None:
+                with torch.no_grad():
+                    aux_indices, live = aux.select(pre)[1:]
+                aux_values = _SelectedPreActs.apply(x_c, self.W_enc, self.b_enc, pre, aux_indices)
+                aux_values = aux_values if live is None else aux_values.masked_fill(live, 0.0)
+                aux_recon = _SparseDecode.apply(aux_values, aux_indices, self.W_dec)
+                losses["auxk"] = aux.loss(aux_recon, x_n - recon_n)
         return SAEOutput(self._denormalize(recon_n), values, indices, losses, self.cfg.d_sae)
 
     def _train_activation(self, pre: Tensor) -> Tensor:
@@ -399,30 +417,21 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def _update_batchtopk_threshold(self, acts: Tensor) -> None:
-        """θ ← (1 − r)·θ + r·min(kept activations > 0)  (Bussmann et al. 2024)."""
-        kept = acts[acts > 0]
-        if kept.numel():
-            rate = self.cfg.batchtopk_threshold_rate
-            self.threshold.mul_(1 - rate).add_(rate * kept.min())
+        """θ ← (1 − r)·θ + r·min(kept activations > 0)  (Bussmann et al. 2024); θ stays when
+        nothing was kept. Computed on the device, without reading back to the host."""
+        kept = acts > 0
+        smallest = acts.masked_fill(~kept, math.inf).min()
+        rate = self.cfg.batchtopk_threshold_rate
+        moved = self.threshold * (1 - rate) + rate * smallest
+        self.threshold.copy_(torch.where(kept.any(), moved, self.threshold))
 
-    def _auxk_active(self, dead_mask: Tensor | None) -> bool:
+    def _auxk_active(self, dead_mask: Tensor | None, host_sync: bool = True) -> bool:
         return (
             self.cfg.uses_k
             and self.cfg.auxk_coefficient > 0
             and dead_mask is not None
-            and bool(dead_mask.any())
+            and (not host_sync or bool(dead_mask.any()))
         )
-
-    def _dead_topk(self, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The k_aux largest pre-activations among dead latents (raw, no ReLU), and their ids."""
-        k_aux = min(self.cfg.resolved_auxk_k, int(dead_mask.sum()))
-        top = pre.masked_fill(~dead_mask, -math.inf).topk(k_aux, dim=-1, sorted=False)
-        return top.values, top.indices
-
-    def _auxk_loss(self, aux_recon: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """α·min(n_dead / k_aux, 1)·‖e − ê‖², with e the main reconstruction's error (no gradient)."""
-        scale = min(int(dead_mask.sum()) / self.cfg.resolved_auxk_k, 1.0)
-        return self.cfg.auxk_coefficient * scale * _sum_sq(aux_recon - residual.detach())
 
     # ---- constraints and data-driven initialisation ------------------------------------------
 
@@ -492,9 +501,37 @@ class SAE(nn.Module):
         return (
             self.cfg.family == "topk"
             and self.use_sparse_kernels
-            and x.device.type == "cpu"
+            and x.device.type in ("cpu", "cuda")
             and x.dtype in (torch.float32, torch.float64)
         )
+
+
+class _AuxK:
+    """The AuxK loss of Gao et al. for one batch: the k_aux largest pre-activations among dead
+    latents (raw, no ReLU) reconstruct the main error e; loss α·min(n_dead / k_aux, 1)·‖e − ê‖².
+
+    With host_sync, k_aux = min(auxk_k, n_dead) is read from the device. Without, a fixed
+    min(auxk_k, d_sae) candidates are taken and `live` marks those that are not dead (their
+    values are zeroed): the same dead latents, the same loss, no read-back."""
+
+    def __init__(self, cfg: SAEConfig, dead_mask: Tensor, host_sync: bool) -> None:
+        self.cfg, self.dead_mask, self.host_sync = cfg, dead_mask, host_sync
+        if host_sync:
+            n_dead = int(dead_mask.sum())
+            self.k = min(cfg.resolved_auxk_k, n_dead)
+            self.scale: float | Tensor = min(n_dead / cfg.resolved_auxk_k, 1.0)
+        else:
+            self.k = min(cfg.resolved_auxk_k, cfg.d_sae)
+            self.scale = (dead_mask.sum() / cfg.resolved_auxk_k).clamp(max=1.0)
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(values, latent ids, live or None), each (batch, k)."""
+        top = pre.masked_fill(~self.dead_mask, -math.inf).topk(self.k, dim=-1, sorted=False)
+        live = None if self.host_sync else ~self.dead_mask[top.indices]
+        return top.values, top.indices, live
+
+    def loss(self, aux_recon: Tensor, residual: Tensor) -> Tensor:
+        return self.cfg.auxk_coefficient * self.scale * _sum_sq(aux_recon - residual.detach())
 
 
 def _sum_sq(error: Float[Tensor, "batch d"]) -> Float[Tensor, ""]:

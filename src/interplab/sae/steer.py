@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from interplab.devices import Copies
 from interplab.hooks import HookSession
 from interplab.interventions import Intervention, intervene
 from interplab.models.handle import LoadedModel, as_loaded
@@ -63,7 +64,11 @@ def decoder_direction(sae: SAE, feature: int) -> Float[Tensor, " d_in"]:
 
 
 class _SAEIntervention(Intervention):
-    """Checks the SAE against the site before any hook exists; applies `_edit` at the selected positions."""
+    """Checks the SAE against the site before any hook exists; applies `_edit` at the selected positions.
+
+    The SAE works on the activation's device (a copy is made once per device, for models spread
+    over devices) and in its own dtype: a float32 SAE reads bf16/fp16 activations upcast to float32
+    and its edit is cast back to the activation's dtype."""
 
     sae: SAE
 
@@ -75,11 +80,16 @@ class _SAEIntervention(Intervention):
     def __call__(self, act: Tensor, ctx) -> Tensor:
         flat = flat_site(act)  # (batch, seq, ...) -> (batch, seq, d_in)
         with torch.no_grad():
-            new = self._edit(flat)
+            new = self._edit(flat, self._sae_on(act.device))
         mask = ctx.mask(act, self.positions)[..., None]
         return torch.where(mask, new.to(act.dtype), flat).view_as(act)
 
-    def _edit(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def _sae_on(self, device: torch.device) -> SAE:
+        if not hasattr(self, "_copies"):
+            self._copies = Copies()
+        return self._copies.module_on(self.sae, device)
+
+    def _edit(self, x: Tensor, sae: SAE) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -97,8 +107,8 @@ class SteerFeature(_SAEIntervention):
         _check_finite("alpha", self.alpha)
         super().validate(site, model)
 
-    def _edit(self, x):
-        return x + self.alpha * decoder_direction(self.sae, self.feature).to(device=x.device, dtype=x.dtype)
+    def _edit(self, x, sae):
+        return x + (self.alpha * decoder_direction(sae, self.feature)).to(x.dtype)
 
 
 @dataclass(eq=False)
@@ -118,15 +128,15 @@ class ClampFeatures(_SAEIntervention):
         _check_finite("value", self.value)
         super().validate(site, model)
 
-    def _edit(self, x):
-        acts = self.sae.encode(x)
+    def _edit(self, x, sae):
+        acts = sae.encode(x)
         index = list(self.features)
         if not self.keep_error:
             edited = acts.clone()
             edited[..., index] = self.value
-            return self.sae.decode(edited)
+            return sae.decode(edited)
         change = self.value - acts[..., index]  # (batch, seq, n_features)
-        delta = change @ self.sae.W_dec[index] / self.sae.input_scale
+        delta = change @ sae.W_dec[index] / sae.input_scale
         return x + delta.to(x.dtype)
 
 
@@ -138,8 +148,8 @@ class SpliceSAE(_SAEIntervention):
     keep_error: bool = False
     positions: object = None
 
-    def _edit(self, x):
-        x_hat = self.sae.decode(self.sae.encode(x)).to(x.dtype)
+    def _edit(self, x, sae):
+        x_hat = sae.decode(sae.encode(x)).to(x.dtype)
         return x_hat + (x - x_hat) if self.keep_error else x_hat
 
 

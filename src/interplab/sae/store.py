@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interplab.errors import ArtifactError
+from interplab.errors import ArtifactError, UserInputError
 from interplab.files import (check_digest, config_field, file_digest, read_json_object, save_tensors,
                              write_json)
 from interplab.hooks import HookSession, StopForward
@@ -396,20 +396,36 @@ class Harvester:
 
 
 def harvest_chunks(model, corpus, cfg: StoreConfig, *, start_context: int = 0,
-                   max_tokens: int | None = None) -> Iterator[ActivationChunk]:
+                   max_tokens: int | None = None, share: tuple[int, int] | None = None) -> Iterator[ActivationChunk]:
     """Activations of the corpus's windows from `start_context` on, one chunk per forward pass
-    of cfg.model_batch_size windows, until the corpus ends or max_tokens rows were produced."""
+    of cfg.model_batch_size windows, until the corpus ends or max_tokens rows were produced.
+
+    share=(rank, world_size): only the forward passes number rank, rank + world_size, ... (a
+    disjoint, deterministic share per rank); start_context then counts this share's windows.
+    Chunks keep the window indices of the whole corpus."""
     model = as_loaded(model)
+    rank, world = _check_share(share)
     harvester, windows = _prepare_harvest(model, corpus, cfg)
-    produced, index = 0, 0
-    for batch in _window_batches(windows, cfg.model_batch_size):
-        if index >= start_context:
-            chunk = harvester.run(batch, index)
-            produced += len(chunk)
-            yield chunk
-            if max_tokens is not None and produced >= max_tokens:
-                return
+    produced, index, mine = 0, 0, 0
+    for number, batch in enumerate(_window_batches(windows, cfg.model_batch_size)):
+        if number % world == rank:
+            if mine >= start_context:
+                chunk = harvester.run(batch, index)
+                produced += len(chunk)
+                yield chunk
+                if max_tokens is not None and produced >= max_tokens:
+                    return
+            mine += batch.shape[0]
         index += batch.shape[0]
+
+
+def _check_share(share: tuple[int, int] | None) -> tuple[int, int]:
+    if share is None:
+        return 0, 1
+    rank, world = share
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise UserInputError(f"share must be (rank, world_size) with 0 <= rank < world_size, got {share!r}")
+    return rank, world
 
 
 def _prepare_harvest(model: LoadedModel, corpus, cfg: StoreConfig) -> tuple[Harvester, Iterator[list[int]]]:
@@ -525,20 +541,25 @@ class ActivationStore:
 
     @classmethod
     def from_corpus(cls, model, corpus, cfg: StoreConfig, *, max_tokens: int | None = None,
-                    repeat: bool = False) -> "ActivationStore":
+                    repeat: bool = False, share: tuple[int, int] | None = None) -> "ActivationStore":
         """A store that harvests `corpus` with `model` as it is read. `max_tokens` bounds the rows
-        read per pass; `repeat` starts over when the corpus (or max_tokens) is exhausted."""
+        read per pass; `repeat` starts over when the corpus (or max_tokens) is exhausted;
+        `share=(rank, world_size)` reads only that rank's windows (see `harvest_chunks`)."""
         model = as_loaded(model)
+        _check_share(share)
         _prepare_harvest(model, corpus, cfg)  # fail now, not at the first batch
         widths = {model.site(s).name: site_width(model, s) for s in cfg.sites}
-        return cls(lambda: harvest_chunks(model, corpus, cfg, max_tokens=max_tokens), widths,
+        return cls(lambda: harvest_chunks(model, corpus, cfg, max_tokens=max_tokens, share=share), widths,
                    batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens, seed=cfg.seed,
                    dtype=cfg.torch_dtype, repeat=repeat)
 
     @classmethod
     def from_disk(cls, path, *, sites: Sequence[str] | None = None, batch_size: int = 4096,
-                  buffer_tokens: int = 65_536, seed: int = 0, repeat: bool = False) -> "ActivationStore":
-        """A store that reads a folder written by `harvest_to_disk` (complete or not)."""
+                  buffer_tokens: int = 65_536, seed: int = 0, repeat: bool = False,
+                  share: tuple[int, int] | None = None) -> "ActivationStore":
+        """A store that reads a folder written by `harvest_to_disk` (complete or not, by one rank
+        or several). `share=(rank, world_size)` reads shards rank, rank + world_size, ... only."""
+        _check_share(share)
         manifest = read_manifest(path)
         widths = manifest["sites"]
         chosen = list(widths) if sites is None else list(sites)
@@ -548,7 +569,7 @@ class ActivationStore:
         if not manifest["shards"]:
             raise ValueError(f"{path} holds no complete shard yet; run harvest_to_disk first")
         dtype = getattr(torch, manifest["harvest"]["dtype"])
-        return cls(lambda: disk_chunks(path, chosen), {s: widths[s] for s in chosen}, batch_size=batch_size,
+        return cls(lambda: disk_chunks(path, chosen, share=share), {s: widths[s] for s in chosen}, batch_size=batch_size,
                    buffer_tokens=buffer_tokens, seed=seed, dtype=dtype, repeat=repeat)
 
     def __iter__(self) -> Iterator[ActivationChunk]:
@@ -579,22 +600,33 @@ class ActivationStore:
 
 
 def harvest_to_disk(model, corpus, out_dir, cfg: StoreConfig, *, n_tokens: int | None = None,
-                    contexts_per_shard: int = 256, progress: bool = False) -> Path:
+                    contexts_per_shard: int = 256, progress: bool = False,
+                    share: tuple[int, int] | None = None, group=None) -> Path:
     """Harvest activations into `out_dir` (see the module docstring), resuming a harvest that
     was stopped. Stops when the corpus ends or at least `n_tokens` rows were written (checked
     after each shard). Shards hold a multiple of cfg.model_batch_size windows, so a resumed
-    harvest runs exactly the same forward passes as an uninterrupted one."""
+    harvest runs exactly the same forward passes as an uninterrupted one.
+
+    Under torchrun (`group`, default the job this process joined) each rank harvests its share
+    of the windows into out_dir/rank_XXX/ and one manifest in out_dir lists every shard
+    (`interplab.sae.parallel.harvest_ranks`). `share=(rank, world_size)` harvests one share only."""
+    from interplab.sae import parallel
+
+    group = parallel.current() if group is None else group
+    if group.distributed:
+        return parallel.harvest_ranks(model, corpus, out_dir, cfg, n_tokens=n_tokens,
+                                      contexts_per_shard=contexts_per_shard, progress=progress, group=group)
     model = as_loaded(model)
     if contexts_per_shard < 1:
         raise ValueError(f"contexts_per_shard must be >= 1, got {contexts_per_shard}")
     out = Path(out_dir)
     contexts_per_shard = math.ceil(contexts_per_shard / cfg.model_batch_size) * cfg.model_batch_size
-    manifest = _start_manifest(model, corpus, out, cfg, contexts_per_shard, n_tokens)
+    manifest = _start_manifest(model, corpus, out, cfg, contexts_per_shard, n_tokens, _check_share(share))
     if manifest["complete"]:
         return out
     start = len(manifest["shards"]) * contexts_per_shard
     written = sum(s["n_tokens"] for s in manifest["shards"])
-    chunks = harvest_chunks(model, corpus, cfg, start_context=start)
+    chunks = harvest_chunks(model, corpus, cfg, start_context=start, share=share)
     bar = progress_bar(progress, total=n_tokens, initial=written, unit="tok", desc="harvest")
     for shard in _group_shards(chunks, contexts_per_shard, cfg.model_batch_size):
         entry = _write_shard(out, len(manifest["shards"]), shard)
@@ -639,7 +671,7 @@ def _write_shard(out: Path, index: int, chunk: ActivationChunk) -> dict:
 
 
 def _start_manifest(model: LoadedModel, corpus, out: Path, cfg: StoreConfig, contexts_per_shard: int,
-                    n_tokens: int | None) -> dict:
+                    n_tokens: int | None, share: tuple[int, int] = (0, 1)) -> dict:
     """The manifest of a new harvest, or that of the harvest to resume (after checking it matches)."""
     fresh = {
         "format_version": FORMAT_VERSION, "type": "interplab.activations", "model_id": model.model_id,
@@ -647,6 +679,8 @@ def _start_manifest(model: LoadedModel, corpus, out: Path, cfg: StoreConfig, con
         "harvest": {name: getattr(cfg, name) for name in _HARVEST_FIELDS},
         "contexts_per_shard": contexts_per_shard, "n_tokens": n_tokens, "shards": [], "complete": False,
     }
+    if share != (0, 1):  # one rank's share of a torchrun harvest (see interplab.sae.parallel)
+        fresh["share"] = list(share)
     _prepare_harvest(model, corpus, cfg)  # checks and reads the first window before anything is written
     if (out / MANIFEST_FILE).is_file():
         saved = read_manifest(out)
@@ -659,10 +693,13 @@ def _start_manifest(model: LoadedModel, corpus, out: Path, cfg: StoreConfig, con
 
 
 def _check_same_harvest(out: Path, saved: dict, fresh: dict) -> None:
-    keys = ("model_id", "corpus", "sites", "harvest", "contexts_per_shard", "n_tokens")
-    changed = [k for k in keys if saved.get(k) != fresh[k]]
+    if saved.get("world_size", 1) != 1:
+        raise UserInputError(f"{out} holds a harvest by {saved['world_size']} torchrun processes; resume it under "
+                             f"torchrun with {saved['world_size']} processes, or harvest into another folder")
+    keys = ("model_id", "corpus", "sites", "harvest", "contexts_per_shard", "n_tokens", "share")
+    changed = [k for k in keys if saved.get(k) != fresh.get(k)]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {fresh[k]!r} now" for k in changed)
+        details = ", ".join(f"{k}: {saved.get(k)!r} there, {fresh.get(k)!r} now" for k in changed)
         raise ValueError(f"{out} holds a harvest with other settings ({details}); resume with the same "
                          "settings or harvest into another folder")
 
@@ -691,14 +728,19 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def disk_chunks(path, sites: Sequence[str] | None = None) -> Iterator[ActivationChunk]:
-    """The shards of an on-disk harvest, in order, one chunk each (only `sites`, when given).
+def disk_chunks(path, sites: Sequence[str] | None = None, *,
+                share: tuple[int, int] | None = None) -> Iterator[ActivationChunk]:
+    """The shards of an on-disk harvest, in order, one chunk each (only `sites`, when given;
+    only shards rank, rank + world_size, ... with share=(rank, world_size)).
     Each shard is checked against its manifest entry (size, digest, rows) before it is used."""
     from safetensors import safe_open
 
+    rank, world = _check_share(share)
     manifest = read_manifest(path)
     names = list(manifest["sites"]) if sites is None else list(sites)
-    for shard in manifest["shards"]:
+    for number, shard in enumerate(manifest["shards"]):
+        if number % world != rank:
+            continue
         file = Path(path) / shard["file"]
         _check_shard(file, shard, Path(path) / MANIFEST_FILE)
         try:

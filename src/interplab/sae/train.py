@@ -17,6 +17,11 @@ temporary folder, then renamed into place); the trained SAEs to out_dir/<name>/.
 Resuming (`resume=True`) loads the newest checkpoint, then consumes and discards the batches that
 were already trained on, so give it a stream that yields the same batches in the same order as
 the first run: the result then equals an uninterrupted run with the same seed.
+
+Speed (docs/scaling.md): `precision` picks float32, bf16 autocast or TF32 matmuls with float32
+master weights; TopK uses the sparse kernels on CPU and CUDA; the hot loop never reads a tensor
+back to the host (metrics are read at log steps only; AuxK runs sync-free once a latent may be
+dead). Under torchrun the same loop is data parallel (see `interplab.sae.parallel`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +43,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from interplab.errors import ArtifactError
+from interplab.errors import ArtifactError, UserInputError
 from interplab.files import (append_jsonl, atomic_folder, atomic_write, config_field, finite_json, read_json_object,
                              read_jsonl, write_json, write_text)
 from interplab.progress import progress_bar
+from interplab.sae import parallel
 from interplab.sae.config import SAEConfig
 from interplab.sae.formats import load_sae, sae_digest, save_sae
 from interplab.sae.metrics import evaluate_sae, fraction_of_variance_unexplained
 from interplab.sae.model import B_DEC_INITS, SAE, SAEOutput
 
+PRECISIONS = ("float32", "bf16", "tf32")
+"""Values of TrainConfig.precision."""
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -112,7 +121,14 @@ class TrainConfig:
     """Seed of the weight initialisation (SAE number i uses seed + i)."""
 
     device: str = "cpu"
-    """Device the SAEs train on ('cpu', 'cuda', 'cuda:1', ...); batches are moved there."""
+    """Device the SAEs train on ('cpu', 'cuda', 'cuda:1', ...); batches are moved there. Under
+    torchrun, 'cuda' means each rank's own GPU (cuda:LOCAL_RANK)."""
+
+    precision: str = "float32"
+    """Arithmetic of the forward pass, with float32 master weights and optimiser state throughout:
+    'float32'; 'bf16' (matmuls under torch.autocast in bfloat16; the sparse TopK path autocasts
+    only the encoder matmul and keeps the decoder and losses in float32); 'tf32' (float32 with
+    TensorFloat-32 matmuls on CUDA; the same as 'float32' on a CPU)."""
 
     progress: bool = False
     """Show a progress bar (the CLI turns it on; library calls stay quiet by default)."""
@@ -161,6 +177,14 @@ class _Run:
     optimizer: torch.optim.Optimizer
     base_lr: float
     tokens_since_fired: Tensor
+    dead_free_until: int = 0
+    """Global token count before which no latent can be dead (so AuxK is skipped without asking
+    the device); refreshed from tokens_since_fired at log steps."""
+
+    def refresh_dead_horizon(self, tokens: int, cfg: TrainConfig) -> None:
+        """Reads the device once: with M = max tokens_since_fired now, nothing is dead before
+        tokens + dead_after_tokens − M."""
+        self.dead_free_until = tokens + cfg.dead_after_tokens - int(self.tokens_since_fired.max())
 
 
 def train_sae(
@@ -171,11 +195,13 @@ def train_sae(
     out_dir: str | Path | None = None,
     eval_batches: Sequence[Tensor] | None = None,
     resume: bool = False,
+    group: parallel.Group | None = None,
 ) -> SAE:
     """Train one SAE on a stream of (batch, d_in) activation tensors; see `train_saes`.
     With out_dir, the trained SAE is saved to out_dir/sae."""
     return train_saes(
-        {"sae": sae_config}, batches, train_config, out_dir=out_dir, eval_batches=eval_batches, resume=resume
+        {"sae": sae_config}, batches, train_config, out_dir=out_dir, eval_batches=eval_batches, resume=resume,
+        group=group,
     )["sae"]
 
 
@@ -187,61 +213,80 @@ def train_saes(
     out_dir: str | Path | None = None,
     eval_batches: Sequence[Tensor] | None = None,
     resume: bool = False,
+    group: parallel.Group | None = None,
+    seed_index: Mapping[str, int] | None = None,
 ) -> dict[str, SAE]:
     """Train several SAEs on one stream of (batch, d_in) activation tensors; returns them by name.
 
     sae_configs: {name: SAEConfig}, or a list (named '<family>_<d_sae>').
-    batches: any iterable of float tensors (batch, d_in); one batch per step, read once.
+    batches: any iterable of float tensors (batch, d_in); one batch per step, read once. It may
+        also yield {site: tensor} dicts: each SAE then reads the batch of its config's `site`.
     eval_batches: held-out batches for periodic and final evaluation (`evaluate_sae`).
     out_dir: folder for log.jsonl, TensorBoard, checkpoints and the trained SAEs (out_dir/<name>).
     resume: continue from the newest checkpoint in out_dir (see the module docstring); with no
         checkpoint there yet, start from scratch.
+    group: the processes training together (default: the torchrun job this process joined, see
+        `interplab.sae.parallel`, else this process alone). Each rank passes its own share of
+        the batches; the result is that of one process on the ranks' batches concatenated.
+    seed_index: {name: i}, so that SAE `name` is initialised with seed + i (default: its position).
     """
+    group = group if group is not None else parallel.current()
+    train_config = dataclasses.replace(train_config, device=parallel.device_for_rank(train_config.device))
     configs = _named_configs(sae_configs)
     out = _check_train_call(configs, train_config, out_dir, eval_batches, resume)
+    writes = out if group.is_writer else None
     checkpoint = _latest_checkpoint(out) if resume and out is not None else None
     stream = iter(batches)
     if checkpoint is not None:
-        runs, step, tokens = _resume_runs(checkpoint, configs, train_config)
+        runs, step, tokens = _resume_runs(checkpoint, configs, train_config, group)
         _skip_batches(stream, step)
     else:
         _refuse_existing_run(out)
-        stream, runs = _fresh_runs(configs, stream, train_config)
+        stream, runs = _fresh_runs(configs, stream, train_config, group, seed_index or {})
         step = tokens = 0
-    if out is not None:
-        _write_run_file(out / RUN_FILE, configs, train_config)
-    logger = _MetricsLog(out, train_config, resume_step=step)
+    for run in runs:
+        run.refresh_dead_horizon(tokens, train_config)
+    group.barrier()  # every rank has read what it needs before rank 0 writes
+    if writes is not None:
+        _write_run_file(writes / RUN_FILE, configs, train_config, group.world_size)
+    logger = _MetricsLog(writes, train_config, resume_step=step)
     try:
-        _train_loop(runs, stream, train_config, step, tokens, out, logger, eval_batches)
+        _train_loop(runs, stream, train_config, step, tokens, writes, logger,
+                    eval_batches if group.is_writer else None, group)
     finally:
         logger.close()
-    if out is not None:
+    if writes is not None:
         for run in runs:
-            save_sae(run.sae, out / run.name)
+            save_sae(run.sae, writes / run.name)
     return {run.name: run.sae for run in runs}
 
 
 def _train_loop(
     runs: list[_Run], stream: Iterator[Tensor], cfg: TrainConfig, step: int, tokens: int,
-    out: Path | None, logger: _MetricsLog, eval_batches: Sequence[Tensor] | None,
+    out: Path | None, logger: _MetricsLog, eval_batches: Sequence[Tensor] | None, group: parallel.Group,
 ) -> None:
-    """The loop: one batch per step, every SAE steps on it; log, evaluate and checkpoint on schedule."""
-    d_in = runs[0].sae.cfg.d_in
+    """The loop: one batch per step, every SAE steps on it; log, evaluate and checkpoint on schedule.
+    Nothing here reads the device except at log, eval and checkpoint steps."""
     started, start_tokens = time.perf_counter(), tokens
-    with progress_bar(cfg.progress, total=cfg.n_steps, initial=step, unit="step", desc="SAE") as bar:
+    show = cfg.progress and group.is_writer
+    with progress_bar(show, total=cfg.n_steps, initial=step, unit="step", desc="SAE") as bar:
         while step < cfg.n_steps:
-            x = next(stream, None)
-            if x is None:
+            batch = next(stream, None)
+            sizes = group.batch_sizes(0 if batch is None else _batch_rows(batch))
+            if 0 in sizes:
                 warnings.warn(f"the activation stream ended after {step} of {cfg.n_steps} steps", stacklevel=3)
                 break
-            _check_batch(x, d_in, step)
-            x = x.to(cfg.device, non_blocking=True)
-            step, tokens = step + 1, tokens + x.shape[0]
-            outputs = {run.name: _train_step(run, x, step, cfg) for run in runs}
+            inputs = {run.name: _run_input(run, batch, step, cfg) for run in runs}
+            weight = sizes[group.rank] / sum(sizes)  # local mean loss -> global mean gradient
+            outputs = {run.name: _train_step(run, inputs[run.name], step + 1, cfg, tokens, sum(sizes), weight, group)
+                       for run in runs}
+            step, tokens = step + 1, tokens + sum(sizes)
             speed = (tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
             if step % cfg.log_every == 0 or step == cfg.n_steps:
-                records = [_train_record(run, x, outputs[run.name], step, tokens, cfg) for run in runs]
-                logger.write([{**r, "tokens_per_s": speed} for r in records])
+                records = [_train_record(run, inputs[run.name], outputs[run.name], step, tokens, cfg) for run in runs]
+                for run in runs:
+                    run.refresh_dead_horizon(tokens, cfg)
+                logger.write([{**r, "tokens_per_s": speed, "world_size": group.world_size} for r in records])
                 bar.set_postfix(loss=f"{records[0]['loss']:.4g}", fvu=f"{records[0]['fvu']:.3f}")
             if eval_batches and (step == cfg.n_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 logger.write([_eval_record(run, eval_batches, step, tokens, cfg) for run in runs])
@@ -250,14 +295,39 @@ def _train_loop(
             bar.update(1)
 
 
-def _train_step(run: _Run, x: Tensor, step: int, cfg: TrainConfig) -> SAEOutput:
-    """One optimiser step of one SAE on batch x (step is 1-based)."""
+def _batch_rows(batch: Tensor | Mapping[str, Tensor]) -> int:
+    first = next(iter(batch.values()), None) if isinstance(batch, Mapping) else batch
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
+
+
+def _run_input(run: _Run, batch: Tensor | Mapping[str, Tensor], step: int, cfg: TrainConfig) -> Tensor:
+    """The SAE's input this step (the batch, or its site's entry of a {site: batch} dict), checked
+    and on the training device."""
+    x = _site_batch(batch, run.sae.cfg.site, step)
+    _check_batch(x, run.sae.cfg.d_in, step)
+    return x.to(cfg.device, non_blocking=True)
+
+
+def _site_batch(batch, site: str, index: int):
+    if not isinstance(batch, Mapping):
+        return batch
+    if site not in batch:
+        raise ValueError(f"batch {index} holds sites {sorted(batch)} but an SAE reads {site!r}")
+    return batch[site]
+
+
+def _train_step(run: _Run, x: Tensor, step: int, cfg: TrainConfig, tokens: int, n_global: int,
+                weight: float, group: parallel.Group) -> SAEOutput:
+    """One optimiser step of one SAE on batch x (step is 1-based; `tokens` were trained on before
+    it; n_global rows are in this step's global batch, x holds the weight-fraction of them)."""
     sae = run.sae
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.base_lr * lr_factor(step - 1, cfg)
-    dead = run.tokens_since_fired >= cfg.dead_after_tokens
-    out = sae(x, dead_mask=dead, sparsity_scale=sparsity_factor(step - 1, cfg))
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = run.base_lr * lr_factor(step - 1, cfg)
+    dead = run.tokens_since_fired >= cfg.dead_after_tokens if tokens >= run.dead_free_until else None
+    with _precision(cfg.precision, x.device):
+        out = sae(x, dead_mask=dead, sparsity_scale=sparsity_factor(step - 1, cfg), host_sync=False)
     out.loss.backward()
+    group.reduce_gradients_(list(sae.parameters()), weight)
     sae.project_decoder_grad_()
     if cfg.grad_clip_norm is not None:
         nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
@@ -265,9 +335,28 @@ def _train_step(run: _Run, x: Tensor, step: int, cfg: TrainConfig) -> SAEOutput:
     run.optimizer.zero_grad(set_to_none=True)
     sae.apply_constraints_()
     with torch.no_grad():
-        run.tokens_since_fired += x.shape[0]
-        run.tokens_since_fired[out.fired()] = 0
+        if sae.cfg.family == "batchtopk":
+            group.reduce_mean_(sae.threshold)  # each rank saw its own share of the batch
+        run.tokens_since_fired += n_global
+        run.tokens_since_fired.masked_fill_(group.reduce_fired(out.fired()), 0)
     return out
+
+
+@contextmanager
+def _precision(precision: str, device: torch.device):
+    """The forward pass's arithmetic (TrainConfig.precision); parameters stay float32."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32" and device.type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    else:
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,22 +365,40 @@ def _train_step(run: _Run, x: Tensor, step: int, cfg: TrainConfig) -> SAEOutput:
 
 
 def _fresh_runs(
-    configs: dict[str, SAEConfig], stream: Iterator[Tensor], cfg: TrainConfig
+    configs: dict[str, SAEConfig], stream: Iterator[Tensor], cfg: TrainConfig, group: parallel.Group,
+    seed_index: Mapping[str, int],
 ) -> tuple[Iterator[Tensor], list[_Run]]:
-    """New SAEs, initialised from the first batches, which are put back in front of the stream."""
+    """New SAEs, initialised from the first batches, which are put back in front of the stream.
+    Under torchrun the first batches of every rank are gathered, in the order of the global
+    batches (batch i of rank 0, of rank 1, ..., then batch i + 1), so every rank starts from the
+    SAE one process would build from the global batches."""
     first = list(itertools.islice(stream, cfg.n_init_batches))
-    if not first:
+    if not first and not group.distributed:
         raise ValueError("the activation stream yielded no batch")
-    d_in = next(iter(configs.values())).d_in
-    for i, x in enumerate(first):
-        _check_batch(x, d_in, i)
-    sample = torch.cat([x.reshape(-1, d_in) for x in first])
+    samples = {}
+    for sae_cfg in configs.values():
+        if sae_cfg.site not in samples:
+            local = [_site_batch(x, sae_cfg.site, i) for i, x in enumerate(first)]
+            for i, x in enumerate(local):
+                _check_batch(x, sae_cfg.d_in, i)
+            samples[sae_cfg.site] = _global_sample(local, sae_cfg.d_in, group)
     runs = []
     for i, (name, sae_cfg) in enumerate(configs.items()):
-        sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
-        sae.init_from_data_(sample, b_dec=cfg.b_dec_init)
-        runs.append(_new_run(name, sae.to(cfg.device), cfg))
+        sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed + seed_index.get(name, i)))
+        sae.init_from_data_(samples[sae_cfg.site], b_dec=cfg.b_dec_init)
+        sae = sae.to(cfg.device)
+        group.broadcast_(sae)
+        runs.append(_new_run(name, sae, cfg))
     return itertools.chain(first, stream), runs
+
+
+def _global_sample(local: list[Tensor], d_in: int, group: parallel.Group) -> Tensor:
+    """The rows of the first global batches, in order (this rank's own at world size 1)."""
+    per_rank = group.gather_objects([x.detach().reshape(-1, d_in).cpu() for x in local])
+    n = min(len(batches) for batches in per_rank)
+    if n == 0:
+        raise UserInputError("the activation stream of at least one rank yielded no batch")
+    return torch.cat([batches[i] for i in range(n) for batches in per_rank])
 
 
 def _new_run(name: str, sae: SAE, cfg: TrainConfig) -> _Run:
@@ -338,10 +445,10 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _resume_runs(
-    checkpoint: Path, configs: dict[str, SAEConfig], cfg: TrainConfig
+    checkpoint: Path, configs: dict[str, SAEConfig], cfg: TrainConfig, group: parallel.Group
 ) -> tuple[list[_Run], int, int]:
     """Rebuild every run from a checkpoint, after checking it belongs to this training setup."""
-    _check_same_setup(checkpoint.parent.parent / RUN_FILE, configs, cfg)
+    _check_same_setup(checkpoint.parent.parent / RUN_FILE, configs, cfg, group.world_size)
     state = _load_trainer_state(checkpoint / TRAINER_STATE_FILE, cfg.device)
     runs = []
     for name in configs:
@@ -378,16 +485,24 @@ def _skip_batches(stream: Iterator[Tensor], n: int) -> None:
         )
 
 
-def _write_run_file(path: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
-    data = {"train_config": dataclasses.asdict(cfg), "sae_configs": {n: c.to_dict() for n, c in configs.items()}}
+def _write_run_file(path: Path, configs: dict[str, SAEConfig], cfg: TrainConfig, world_size: int = 1) -> None:
+    data = {"train_config": dataclasses.asdict(cfg), "sae_configs": {n: c.to_dict() for n, c in configs.items()},
+            "world_size": world_size}
     write_json(path, data)
 
 
-def _check_same_setup(run_file: Path, configs: dict[str, SAEConfig], cfg: TrainConfig) -> None:
+def _check_same_setup(run_file: Path, configs: dict[str, SAEConfig], cfg: TrainConfig, world_size: int = 1) -> None:
     if not run_file.is_file():
         raise ValueError(f"cannot resume: {run_file} is missing, so the checkpoint's setup is unknown")
     saved = read_json_object(run_file, "training run file")
     config_field(saved, "train_config", dict, run_file, what="training run file")
+    if saved.get("world_size", 1) != world_size:
+        raise UserInputError(
+            f"cannot resume: {run_file.parent} was trained by {saved.get('world_size', 1)} processes and "
+            f"this job has {world_size}; each rank's share of the data depends on the number of "
+            f"processes, so relaunch with {saved.get('world_size', 1)} in all (torchrun --nnodes x "
+            "--nproc-per-node), or train into a new out_dir"
+        )
     if config_field(saved, "sae_configs", dict, run_file, what="training run file") != {n: c.to_dict() for n, c in configs.items()}:
         raise ValueError(
             f"cannot resume: the SAE configs differ from those in {run_file}; resume with the same "
@@ -501,9 +616,13 @@ def _named_configs(sae_configs: Mapping[str, SAEConfig] | Sequence[SAEConfig]) -
                 f"SAE name {name!r} must be a folder name of letters, digits, '_', '.', '-' "
                 f"(and not {CHECKPOINTS_DIR!r} or 'tensorboard')"
             )
-    d_ins = {cfg.d_in for cfg in named.values()}
-    if len(d_ins) > 1:
-        raise ValueError(f"SAEs trained on one stream must share d_in; got {sorted(d_ins)}")
+    by_site: dict[str, set[int]] = {}
+    for cfg in named.values():
+        by_site.setdefault(cfg.site, set()).add(cfg.d_in)
+    for site, d_ins in by_site.items():
+        if len(d_ins) > 1:
+            where = f" at site {site!r}" if site else ""
+            raise ValueError(f"SAEs trained on one stream{where} must share d_in; got {sorted(d_ins)}")
     return named
 
 
@@ -564,6 +683,8 @@ def _train_config_problems(cfg: TrainConfig) -> list[str]:
         torch.device(cfg.device)
     except (RuntimeError, TypeError):
         problems.append(f"device {cfg.device!r} is not a torch device such as 'cpu' or 'cuda'")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.b_dec_init not in B_DEC_INITS:
         problems.append(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {cfg.b_dec_init!r}")
     return problems

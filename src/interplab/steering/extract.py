@@ -253,7 +253,7 @@ def read_activations(model, dataset: ContrastDataset, *, layers, read: str = "au
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i].ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in progress_items(batches, progress, desc="reading activations"):
-        cache = capture(model, sites, [list(texts[i].ids) for i in batch], batch_size=len(batch))
+        cache = capture(model, sites, [list(texts[i].ids) for i in batch], batch_size=len(batch), device="cpu")
         weights = _span_weights([texts[i] for i in batch], cache.input_ids.shape[1])  # (batch, seq)
         for j, name in enumerate(sites):
             out[batch, j] = torch.einsum("bs,bsd->bd", weights, cache[name].float())
@@ -346,7 +346,7 @@ def actadd_vector(model, positive: str, negative: str, *, layers=None, site: str
     width = max(len(pos_ids), len(neg_ids))
     ids = [list(x) + [pad] * (width - len(x)) for x in (pos_ids, neg_ids)]
     sites = [f"blocks.{layer}.{site}" for layer in layers]
-    cache = capture(model, sites, ids, batch_size=2)
+    cache = capture(model, sites, ids, batch_size=2, device="cpu")
     directions = {layer: (cache[name][0] - cache[name][1]).float() for layer, name in zip(layers, sites)}
     return SteeringVector(directions, site=site, model_id=model.model_id, model_type=model.arch.model_type,
                           method="actadd", dataset_fingerprint=ContrastDataset(

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interplab.devices import Copies
 from interplab.errors import ArtifactError, UserInputError
 from interplab.files import (atomic_folder, check_digest, check_replaceable, config_field, load_tensors,
                              read_json_object, save_tensors, tensors_digest, write_json)
@@ -303,6 +304,7 @@ class AddAligned(Intervention):
     rows: Float[Tensor, "n_pos d_model"]
     scale: float = 1.0
     norm_preserving: bool = False
+    _copies: Copies = field(default_factory=Copies, repr=False)
 
     def validate(self, site, model):
         super().validate(site, model)
@@ -314,7 +316,7 @@ class AddAligned(Intervention):
         positions = ctx.positions(act)  # (batch, seq) absolute, -1 = padding
         n_pos = self.rows.shape[0]
         inside = (positions >= 0) & (positions < n_pos)
-        rows = self.rows.to(device=act.device, dtype=act.dtype)
+        rows = self._copies.like(self.rows, act)
         added = rows[positions.clamp(0, n_pos - 1)] * inside[..., None]  # (batch, seq, d_model)
         new = act + self.scale * added
         if self.norm_preserving:
