@@ -140,3 +140,19 @@ def test_bad_inputs_are_refused():
         sparse_probing(sae, ProbingTask("x", torch.randn(10, D), torch.arange(10) % 2), ks=[0])
     with pytest.raises(UserInputError, match="no letter"):
         feature_absorption(sae, torch.randn(10, D), list("ssssssssss"))
+
+
+def test_tokenizer_tasks_bench_and_plot(tinystories, tmp_path):
+    from interplab.sae.evals.table import bench_sae, plot_comparison, read_results, write_results
+
+    site = "blocks.0.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=128, d_sae=256, family="topk", k=8, site=site), generator=torch.Generator().manual_seed(0))
+    table = bench_sae(tinystories, sae, ks=[1, 2], max_tokens=300, name="random")
+    assert table["site"] == site and table["n_tokens"] > 50
+    assert 0.0 <= table["absorption"]["mean_absorption_rate"] <= 1.0
+    for task in table["sparse_probing"]["tasks"]:  # balanced: both classes the same size
+        assert task["n_train"] + task["n_test"] == 2 * round((task["n_train"] + task["n_test"]) / 2)
+    path = write_results(tmp_path / "random.json", table)
+    assert read_results(path)["sparse_probing"]["mean_sae_accuracy"].keys() == {"1", "2"}
+    plot = plot_comparison([table, dict(table, name="again")], tmp_path / "cmp.png")
+    assert plot.stat().st_size > 1000

@@ -371,3 +371,4 @@ def compare_steering(
     console.print(table)
     console.print(f"steer/clamp strengths are multiples of the latent's max activation on the neutral text "
                   f"({result.max_activation:.3g}); logit-bias strengths are nats added to its top token.")
+from interplab.cli import decomp  # noqa: E402,F401  registers bench/transcoders/graph on this app

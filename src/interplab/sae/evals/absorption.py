@@ -20,6 +20,7 @@ Karvonen et al. 2025, reports the same per-letter average).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -62,7 +63,8 @@ class LetterAbsorption:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["absorbing_latents"] = {str(k): v for k, v in self.absorbing_latents.items()}
-        return {**data, "absorption_rate": self.absorption_rate, "false_negative_rate": self.false_negative_rate}
+        return {**data, "absorption_rate": _finite(self.absorption_rate),
+                "false_negative_rate": _finite(self.false_negative_rate)}
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,14 @@ class AbsorptionResult:
         return sum(rates) / len(rates) if rates else float("nan")
 
     def to_dict(self) -> dict:
-        return {"mean_absorption_rate": self.mean_absorption_rate,
-                "mean_false_negative_rate": self.mean_false_negative_rate,
+        return {"mean_absorption_rate": _finite(self.mean_absorption_rate),
+                "mean_false_negative_rate": _finite(self.mean_false_negative_rate),
                 "letters": [r.to_dict() for r in self.letters]}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a rate with no tokens to measure it on is written as null."""
+    return None if math.isnan(value) else value
 
 
 def probe_direction(train_x: Tensor, train_y: Tensor, *, seed: int = 0) -> tuple[Float[Tensor, " d"], object]:
