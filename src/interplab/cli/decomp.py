@@ -48,17 +48,97 @@ def bench(
     _console().print(f"results in {out} (one JSON per SAE, comparison.png)")
 
 
+@app.command("transcoders")
+def transcoders(
+    corpus: Annotated[str, typer.Option(help="Text/JSONL file or folder to harvest from.")],
+    out: Annotated[Path, typer.Option(help="Folder for the transcoders (one layer_<L> folder each).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model alias, folder or Hub id.")] = "smollm2-135m-instruct",
+    layers: Annotated[str, typer.Option(help="Comma-separated layers, or 'all'.")] = "all",
+    family: Annotated[str, typer.Option(help="topk, relu or jumprelu.")] = "topk",
+    d_sae: Annotated[Optional[int], typer.Option(help="Latents (default: 8 x d_model).")] = None,
+    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
+    skip: Annotated[bool, typer.Option(help="Train skip transcoders (a linear skip term).")] = True,
+    steps: int = 1000,
+    batch_size: int = 1024,
+    lr: float = 2e-3,
+    n_tokens: Annotated[Optional[int], typer.Option(help="Tokens read per pass (default: all).")] = None,
+    eval_contexts: Annotated[int, typer.Option(help="Windows after the training ones to measure CE recovered on (0: skip).")] = 32,
+    seed: int = 0,
+) -> None:
+    """Train a transcoder per layer from one harvest pass, save them, and splice them in for the MLPs."""
+    from interplab.sae.store import corpus_windows
+    from interplab.sae.train import TrainConfig
+    from interplab.sae.transcoder import save_transcoders
+    from interplab.sae.transcoder_train import evaluate_transcoders, train_transcoders
+
+    handle = _load_model(model)
+    with _user_errors():
+        chosen = list(range(handle.n_layers)) if layers == "all" else _ints(layers, "--layers", minimum=0)
+        trained = train_transcoders(handle, corpus, chosen, TrainConfig(n_steps=steps, lr=lr, seed=seed, tensorboard=False),
+                                    d_sae=d_sae or 8 * handle.d_model, family=family, k=k, skip=skip,
+                                    max_tokens=n_tokens, batch_size=batch_size)
+        save_transcoders(trained, out)
+        _console().print(f"transcoders for layers {sorted(trained)} saved to {out}")
+        if eval_contexts:
+            skip_contexts = (n_tokens or 0) // 127 + 1
+            windows = corpus_windows(handle, corpus, context_length=128, skip_contexts=skip_contexts, n_contexts=eval_contexts)
+            _print_json(evaluate_transcoders(handle, trained, windows).to_dict())
+
+
+@app.command("graph")
+def graph(
+    transcoders_path: Annotated[Path, typer.Argument(help="A folder written by `interplab sae transcoders`.")],
+    prompt: Annotated[str, typer.Option(help="The prompt (its last position is attributed).")],
+    out: Annotated[Path, typer.Option(help="Folder for graph.json and graph.html.")],
+    model: ModelOpt = None,
+    target: Annotated[Optional[str], typer.Option(help="Target token (default: the top prediction).")] = None,
+    node_threshold: Annotated[float, typer.Option(help="Fraction of feature influence to keep.")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="Fraction of edge influence to keep.")] = 0.98,
+    batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
+    check: Annotated[int, typer.Option(help="Ablate this many top features and compare with the graph (0: no check).")] = 3,
+) -> None:
+    """Attribution graph of one prompt: pruned JSON, a standalone HTML page, and an intervention check."""
+    from interplab.files import write_json
+    from interplab.graph.attribution import attribute
+    from interplab.graph.check import check_interventions
+    from interplab.graph.html import write_graph_html
+    from interplab.graph.prune import prune
+    from interplab.sae.transcoder import load_transcoders
+
+    with _user_errors():
+        loaded = load_transcoders(transcoders_path)
+        if not loaded:
+            raise ValueError(f"{transcoders_path} holds no transcoder")
+    handle = _load_model(model or next(iter(loaded.values())).cfg.model_id)
+    with _user_errors():
+        ids = handle.require_tokenizer()(prompt, return_tensors="pt")["input_ids"][0]
+        full = attribute(handle, loaded, ids, target=target, batch_size=batch_size)
+        pruned = prune(full, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        if check:
+            checks = check_interventions(handle, loaded, full, ids, top=check)
+            pruned.meta["interventions"] = [c.__dict__ for c in checks]
+        out.mkdir(parents=True, exist_ok=True)
+        data = pruned.to_dict()
+        write_json(out / "graph.json", data)
+        write_graph_html(data, out / "graph.html")
+    meta = pruned.meta
+    _console().print(f"target {full.target['token']!r}: {meta['features_kept']}/{meta['features_total']} features kept "
+                     f"({meta['node_influence_kept']:.1%} of influence); {out / 'graph.html'}")
+    for c in meta.get("interventions", []):
+        _console().print(f"  ablate {c['nodes']}: predicted {c['predicted']:+.3f}, measured {c['measured']:+.3f}")
+
+
 def _rate(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _ints(text: str, option: str) -> list[int]:
+def _ints(text: str, option: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"{option} takes comma-separated integers such as 1,2,5; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{option} takes positive integers such as 1,2,5; got {text!r}")
+    if not values or min(values) < minimum:
+        raise ValueError(f"{option} takes integers >= {minimum} such as 1,2,5; got {text!r}")
     return values
 
 
@@ -66,5 +146,4 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-__all__ = ["bench"]
-_ = (Optional,)
+__all__ = ["bench", "graph", "transcoders"]
