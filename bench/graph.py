@@ -1,7 +1,7 @@
 """Cost of an attribution graph on the default model (SmolLM2-135M), 16-token prompt.
 
     python bench/graph.py [--model smollm2-135m-instruct] [--layers all] [--d-sae 4608] [--k 32]
-                          [--batch 64] [--sample 64] [--clock cpu]
+                          [--batch 64] [--sample 64] [--clock cpu] [--skip-full]
 
 Transcoders are random-init of the trained shape (the cost does not depend on the weights).
 Prints: time and peak memory (RSS) to build the replacement model and the whole graph with
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sample", type=int, default=64)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--skip-full", action="store_true", help="Do not build the whole graph (only the ratio).")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -72,6 +73,8 @@ def main() -> None:
     print(f"direct effects of {len(sample)} targets: batched ({args.batch}/pass) {batched:.2f} s, "
           f"one per pass {single:.2f} s: {single / batched:.1f}x (target >= 5x)")
 
+    if args.skip_full:
+        return
     start = clock()
     graph = attribute(model, transcoders, ids, target=token, batch_size=args.batch)
     total = clock() - start
