@@ -89,6 +89,7 @@ def test_json_and_html(graph, tmp_path):
     page = write_graph_html(data, tmp_path / "graph.html").read_text()
     assert "<script" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")
     assert data["edges"] and all(0 <= e["source"] < len(data["nodes"]) for e in data["edges"])
+    assert graph._repr_html_().startswith("<iframe") and "&lt;svg" in graph._repr_html_()
 
 
 def test_refusals():

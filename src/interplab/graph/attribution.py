@@ -57,6 +57,14 @@ class Graph:
     def biases(self) -> Tensor:
         return torch.tensor([n["bias"] for n in self.nodes], dtype=torch.float64)
 
+    def _repr_html_(self) -> str:
+        """The interactive page inside a notebook cell (an iframe holding the standalone page)."""
+        import html
+
+        from interplab.graph.html import graph_html
+
+        return f'<iframe style="width:100%;height:600px;border:0" srcdoc="{html.escape(graph_html(self.to_dict()))}"></iframe>'
+
     def to_dict(self, min_weight: float = 0.0) -> dict:
         """JSON-ready: nodes, and edges (source, target, weight) with |weight| > min_weight."""
         t, s = (self.adjacency.abs() > min_weight).nonzero(as_tuple=True)
