@@ -204,7 +204,7 @@ def _real_run(model: LoadedModel, ids: Tensor) -> dict[str, Tensor]:
     sites = [f"blocks.{L}.{kind}" for L in range(model.n_layers)
              for kind in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "attn.hook_pattern")]
     sites.append(f"blocks.{model.n_layers - 1}.hook_resid_post")
-    cache = capture(model, sites, ids[None], logits=True, dtype=torch.float32)
+    cache = capture(model, sites, ids[None].to(model.device), logits=True, device="cpu", dtype=torch.float32)
     out = {name: cache[name][0] for name in sites}
     out["logits"] = cache.logits[0].float()
     return out

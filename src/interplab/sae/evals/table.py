@@ -64,12 +64,10 @@ def read_results(path: str | Path) -> dict:
 def plot_comparison(tables: Sequence[dict], path: str | Path) -> Path:
     """Two panels: mean sparse-probing accuracy against k (one line per SAE, the raw probe
     dashed), and the mean absorption rate per SAE."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     for i, table in enumerate(tables):
         acc = table["sparse_probing"]["mean_sae_accuracy"]
         ks = sorted(int(k) for k in acc)
@@ -83,5 +81,4 @@ def plot_comparison(tables: Sequence[dict], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

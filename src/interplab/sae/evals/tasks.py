@@ -50,7 +50,7 @@ def token_activations(model, site: str, ids: list[int], *, batch_size: int = 256
     model = as_loaded(model)
     bos = start_token_id(model.require_tokenizer())
     prompts = torch.tensor([[bos, i] if bos is not None else [i] for i in ids])  # (n, 2) or (n, 1)
-    cache = capture(model, site, prompts, batch_size=batch_size, dtype=torch.float32)
+    cache = capture(model, site, prompts, batch_size=batch_size, device="cpu", dtype=torch.float32)
     acts = cache[site]
     return acts.flatten(2)[:, -1] if acts.dim() > 3 else acts[:, -1]
 
