@@ -12,12 +12,29 @@ os.environ.setdefault("INTERPLAB_SHARED", str(REPO.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.tiny import ARCH_TYPES, tiny_model  # noqa: E402
+
+def _typecheck_interplab() -> None:
+    """INTERPLAB_TYPECHECK=1: check every jaxtyping annotation in interplab at run time with beartype
+    (shapes and dtypes of tensors, and plain types), for one CI pass over the suite."""
+    if os.environ.get("INTERPLAB_TYPECHECK", "") in ("", "0"):
+        return
+    import sys
+
+    if "interplab" in sys.modules:
+        raise RuntimeError("INTERPLAB_TYPECHECK: interplab was imported before the import hook could be installed")
+    from jaxtyping import install_import_hook
+
+    install_import_hook("interplab", "beartype.beartype")
 
 
-@pytest.fixture(scope="session", params=ARCH_TYPES)
+_typecheck_interplab()
+
+from tests.tiny import arch_params, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=arch_params())
 def any_model(request):
-    """A tiny random-init model of each architecture (session-cached)."""
+    """A tiny random-init model of each architecture (session-cached); see tests.tiny.arch_params."""
     return tiny_model(request.param)
 
 

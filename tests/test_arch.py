@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from interplab.models.arch import ARCHITECTURES, Architecture, guess_architecture, resolve_architecture
-from tests.tiny import ARCH_TYPES, tiny_model
+from tests.tiny import arch_params, tiny_model
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "gpt2", "gpt_neo", "gpt_neox"}
@@ -15,7 +15,7 @@ def test_table_covers_required_families():
     assert REQUIRED <= set(ARCHITECTURES)
 
 
-@pytest.mark.parametrize("model_type", ARCH_TYPES)
+@pytest.mark.parametrize("model_type", arch_params())
 def test_table_paths_exist_in_real_hf_classes(model_type):
     model = tiny_model(model_type)
     assert model.arch.model_type == model_type

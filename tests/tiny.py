@@ -10,12 +10,26 @@ import torch
 ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
               "olmo2", "gpt2", "gpt_neo", "gpt_neox")
 
+#: the fast suite's representative architectures: soft-capped logits and extra norms (gemma2), blocks
+#: that return tuples and GPT-style module names (gpt_neo), parallel attention and MLP (gpt_neox);
+#: the `llama` fixture covers the common Llama layout. All 12 run under the `archs` marker (and in CI).
+FAST_ARCH_TYPES = ("gemma2", "gpt_neo", "gpt_neox")
+
 VOCAB = 96
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _GPT_SIZES = dict(n_embd=32, n_layer=3, n_head=4, n_inner=64, vocab_size=VOCAB, n_positions=64,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def arch_params() -> list:
+    """ARCH_TYPES as pytest params: all marked `archs`; those outside FAST_ARCH_TYPES also `slow`,
+    so `-m "not slow"` runs three architectures and the full run (and `-m archs`) all twelve."""
+    import pytest
+
+    return [pytest.param(t, id=t, marks=[pytest.mark.archs] + ([] if t in FAST_ARCH_TYPES else [pytest.mark.slow]))
+            for t in ARCH_TYPES]
 
 
 def tiny_config(model_type: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from interplab.interventions import intervene
 from interplab.sae.config import SAEConfig
@@ -47,6 +48,49 @@ def null_sae(d: int) -> SAE:
     sae = exact_sae(d)
     with torch.no_grad():
         sae.W_dec.zero_()
+    return sae
+
+
+def hand_run(model, windows, replace=None):
+    """(mean next-token loss, log-probabilities at the scored positions) computed without interplab:
+    a raw torch hook writes replace(x) over the non-BOS tokens of layer 1's output (SITE)."""
+    keep = windows != 1
+
+    def hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = hidden.clone()
+        new[keep] = replace(hidden[keep])
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.hf.model.layers[1].register_forward_hook(hook) if replace is not None else None
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=windows).logits[:, :-1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    targets = windows[:, 1:]
+    scored = targets != 1  # BOS is the only special token in these windows
+    loss = F.cross_entropy(logits[scored], targets[scored])
+    return float(loss), logits[scored].log_softmax(-1)
+
+
+def hand_metrics(model, sae, windows):
+    """CE loss recovered and KL(clean || SAE) from their definitions (zero ablation)."""
+    clean, log_p = hand_run(model, windows)
+    spliced, log_q = hand_run(model, windows, lambda x: sae.decode(sae.encode(x)))
+    ablated, log_a = hand_run(model, windows, torch.zeros_like)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    kl_ablated = F.kl_div(log_a, log_p, log_target=True, reduction="batchmean")
+    return dict(clean_loss=clean, sae_loss=spliced, ablated_loss=ablated,
+                ce_loss_recovered=(ablated - spliced) / (ablated - clean), kl_sae=float(kl), kl_ablated=float(kl_ablated))
+
+
+def half_sae(d: int) -> SAE:
+    """An SAE whose reconstruction is exactly x / 2: a known partial reconstruction."""
+    sae = exact_sae(d)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
     return sae
 
 
@@ -100,9 +144,28 @@ def test_activation_metrics_match_the_core(llama, windows):
     core = evaluate_sae(sae, [acts])
     assert result.activation.fvu == pytest.approx(core.fvu, rel=1e-5)
     assert result.activation.l0 == pytest.approx(core.l0)
-    assert 0 < result.downstream.ce_loss_recovered < 1 or result.downstream.kl_sae > 0
+    expected = hand_metrics(llama, sae, windows)
+    for name, value in expected.items():
+        assert getattr(result.downstream, name) == pytest.approx(value, rel=1e-4, abs=1e-6), name
     names = [row[0] for row in result.rows()]
     assert "CE loss recovered" in names and "KL with SAE" in names and "FVU" in names
+
+
+@pytest.mark.parametrize("make_sae", [exact_sae, null_sae, half_sae])
+def test_downstream_metrics_equal_a_hand_computation(llama, windows, make_sae):
+    d = evaluate_downstream(llama, make_sae(32), windows, batch_size=4).downstream
+    expected = hand_metrics(llama, make_sae(32), windows)
+    for name, value in expected.items():
+        assert getattr(d, name) == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert d.n_predictions == int((windows[:, 1:] != 1).sum())
+
+
+def test_half_reconstruction_is_a_partial_case(llama, windows):
+    """x̂ = x / 2 is neither endpoint: its KL lies strictly between the perfect SAE's 0 and zero
+    ablation's, and its loss differs from both (on a random model it can even beat the clean loss)."""
+    d = evaluate_downstream(llama, half_sae(32), windows, batch_size=4).downstream
+    assert 1e-5 < d.kl_sae < d.kl_ablated
+    assert abs(d.ce_loss_recovered - 1) > 0.05 and abs(d.ce_loss_recovered) > 0.05
 
 
 def test_sae_width_must_match_the_site(llama, windows):

@@ -201,12 +201,23 @@ def test_out_dir_holds_log_checkpoints_and_final_saes(tmp_path):
         assert torch.equal(final.state_dict()[key], tensor)
 
 
-def test_tensorboard_when_installed(tmp_path):
-    pytest.importorskip("tensorboard")
+def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
+    # tensorboard is in the test extra: this runs against the real reader, never skipped
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data = SparseDictionary()
     cfg = SAEConfig(d_in=32, d_sae=64, family="topk", k=4)
     train_sae(cfg, data.batches(4), TrainConfig(n_steps=4, log_every=2, tensorboard=True), out_dir=tmp_path)
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for key in ("loss", "mse"):
+        tag = f"{train[0]['sae']}/train/{key}"
+        assert tag in events.Tags()["scalars"]
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        assert logged == pytest.approx({r["step"]: r[key] for r in train}, rel=1e-6)
 
 
 def test_library_defaults_are_quiet(tmp_path, capsys):

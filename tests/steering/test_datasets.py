@@ -108,9 +108,11 @@ def test_split_and_fingerprint():
 
 
 def test_shared_caa_refusal_data_reads(shared_dir):
+    # caa_path raises when the file is missing, so the skip must look at the folder itself
+    if not (shared_dir / "data" / "caa" / "generate" / "refusal").is_dir():
+        pytest.skip(f"shared CAA data not present under {shared_dir / 'data' / 'caa'}")
     path = caa_path("refusal", "generate")
-    if not path.exists():
-        pytest.skip("shared CAA data not present")
+    assert path == shared_dir / "data" / "caa" / "generate" / "refusal" / "generate_dataset.json"
     data = read_pairs(path)
     assert len(data) == 408 and data.kind == "ab"
     assert len(read_pairs(caa_path("refusal", "test"))) == 50
@@ -128,3 +130,10 @@ def test_non_utf8_dataset_names_the_file(tmp_path):
         read_pairs(path)
     with pytest.raises(ArtifactError, match=r"pairs.jsonl is not UTF-8 text"):
         read_caa(path)
+
+
+def test_missing_caa_data_is_reported_with_what_is_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPLAB_SHARED", str(tmp_path))
+    (tmp_path / "data" / "caa" / "generate" / "sycophancy").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no CAA generate data for 'refusal'.*available: \['sycophancy'\]"):
+        caa_path("refusal", "generate")

@@ -33,6 +33,7 @@ def five_in_two():
     return train_superposition(config)
 
 
+@pytest.mark.slow
 def test_dense_features_get_m_orthogonal_directions(five_in_two):
     W = five_in_two.W[0]  # S = 0
     kept = W[feature_norms(W[None])[0] > 0.5]
@@ -43,12 +44,14 @@ def test_dense_features_get_m_orthogonal_directions(five_in_two):
     assert torch.equal(feature_norms(W[None])[0].topk(2).indices.sort().values, torch.tensor([0, 1]))
 
 
+@pytest.mark.slow
 def test_sparse_features_are_in_superposition(five_in_two):
     counts = n_represented(five_in_two.W)
     assert counts.tolist()[1:] == [5, 5]  # all 5 features in 2 dimensions at S = 0.95 and 0.99
     assert (superposition_interference(five_in_two.W)[2] > 0.3).all()  # each feature interferes
 
 
+@pytest.mark.slow
 def test_pentagon_at_high_sparsity(five_in_two):
     angles = feature_angles_2d(five_in_two.W[2])  # S = 0.99
     assert angles.shape == (5,)
@@ -57,6 +60,7 @@ def test_pentagon_at_high_sparsity(five_in_two):
     assert (dims - 0.4).abs().max() < 0.03  # pentagon dimensionality 2/5
 
 
+@pytest.mark.slow
 def test_more_features_than_dimensions_when_sparse():
     config = SuperpositionConfig(n_features=20, n_hidden=5, sparsities=(0.0, 0.97), importance_decay=0.9,
                                  steps=3000, seed=0)
@@ -67,9 +71,13 @@ def test_more_features_than_dimensions_when_sparse():
     assert sparse >= 10 and d_star[1] < 0.5  # sparse: clearly more than m, at least 2m, D* < 1/2
 
 
+@pytest.mark.slow
 def test_dimensionality_sums_to_at_most_m(five_in_two):
     dims = feature_dimensionality(five_in_two.W)
     assert (dims.sum(-1) <= 2 + 1e-4).all()
+
+
+def test_dimensionality_bound_holds_for_any_weights():
     # it is a theorem (rank of the Gram matrix), so it holds for any weights too
     W = torch.randn(50, 12, 3, generator=torch.Generator().manual_seed(0))
     assert (feature_dimensionality(W).sum(-1) <= 3 + 1e-4).all()
@@ -123,13 +131,44 @@ def test_correlated_and_anticorrelated_pairs():
     assert abs(float(on.float().mean()) - 0.2) < 0.01  # each feature still has density p
 
 
-def test_correlated_training_runs():
-    config = SuperpositionConfig(n_features=4, n_hidden=2, sparsities=(0.9,), correlation="anticorrelated",
-                                 steps=300, seed=0)
-    rep = report(train_superposition(config))
-    assert math.isfinite(rep.instances[0].loss)
+def _pair_cosines(W: torch.Tensor) -> torch.Tensor:
+    """Signed cos between every pair of feature directions (features x features)."""
+    unit = W / W.norm(dim=-1, keepdim=True)
+    return unit @ unit.T
 
 
+@pytest.mark.slow
+def test_anticorrelated_features_are_antipodal():
+    """Paper, "Superposition and correlated features": features that never occur together share a
+    dimension with opposite signs. n=4, m=2, pairs (0,1) and (2,3) anticorrelated, S=0.9: each pair
+    is antipodal (cos -1) and the two pairs are orthogonal. Seeds 0-2 agree (cos < -0.98)."""
+    config = SuperpositionConfig(n_features=4, n_hidden=2, sparsities=(0.9,), importance_decay=1.0,
+                                 correlation="anticorrelated", steps=300, lr=1e-2, seed=0)
+    run = train_superposition(config)
+    W = run.W[0]
+    cos = _pair_cosines(W)
+    assert cos[0, 1] < -0.95 and cos[2, 3] < -0.95
+    assert cos[0, 2].abs() < 0.1 and cos[1, 3].abs() < 0.1
+    assert (W.norm(dim=-1) - 1).abs().max() < 0.1
+    rep = report(run)
+    assert math.isfinite(rep.instances[0].loss) and rep.instances[0].n_represented == 4
+
+
+@pytest.mark.slow
+def test_correlated_features_are_orthogonal():
+    """Paper: features that occur together are not put in superposition with each other. n=4, m=2,
+    pairs (0,1) and (2,3) correlated, S=0.97: the two features of a pair are orthogonal and each is
+    antipodal to a feature of the other pair (seeds 0-2: |cos| within a pair < 0.06)."""
+    config = SuperpositionConfig(n_features=4, n_hidden=2, sparsities=(0.97,), importance_decay=1.0,
+                                 correlation="correlated", steps=300, lr=1e-2, seed=0)
+    W = train_superposition(config).W[0]
+    cos = _pair_cosines(W)
+    assert cos[0, 1].abs() < 0.1 and cos[2, 3].abs() < 0.1
+    assert cos[:2, 2:].min(dim=1).values.max() < -0.9  # 0 and 1 each opposite a feature of (2, 3)
+    assert (W.norm(dim=-1) - 1).abs().max() < 0.1
+
+
+@pytest.mark.slow
 def test_phase_diagram_corners():
     """n=2, m=1: unimportant dense feature 2 is dropped, very important dense feature 2 takes the
     dimension, equally important sparse features share it (superposition)."""
@@ -171,7 +210,7 @@ def test_other_bad_configs_are_rejected():
 
 
 def test_m_at_least_n_reports_no_superposition():
-    config = SuperpositionConfig(n_features=3, n_hidden=3, sparsities=(0.0, 0.9), steps=500)
+    config = SuperpositionConfig(n_features=3, n_hidden=3, sparsities=(0.0, 0.9), steps=20)
     rep = report(train_superposition(config))
     assert any("no superposition is possible" in note for note in rep.notes)
     assert all(r.n_represented <= 3 for r in rep.instances)
