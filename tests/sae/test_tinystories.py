@@ -18,14 +18,19 @@ from typer.testing import CliRunner
 from interplab.cli import app
 from interplab.sae.config import SAEConfig
 from interplab.sae.downstream import evaluate_downstream
-from interplab.sae.store import ActivationStore, StoreConfig, corpus_windows, read_manifest
+from interplab.sae.store import ActivationStore, StoreConfig, corpus_windows, harvest_to_disk, read_manifest
 from interplab.sae.train import TrainConfig, train_sae
 
 pytestmark = pytest.mark.slow
 
 SITE = "blocks.0.hook_resid_post"
-TRAIN_TOKENS = 400_000
-"""Activation rows read per pass (about the first 3,150 windows of 128 tokens); later windows are held out."""
+TRAIN_TOKENS = 100_000
+"""Activation rows harvested once, to disk (shards of 128 windows: about the first 900 windows of 128
+tokens, 114k rows), then read over and over: 600 steps of 1,024 rows. Measured: FVU 0.125, CE loss
+recovered 0.957 (0.910 against mean ablation), L0 16, no dead latents; 60k rows, 400 steps and
+d_sae 512 missed the FVU target (0.165). The earlier 400k rows per pass, re-harvested each pass
+for 1,000 steps, ran the model on about 9x as many tokens for the same targets."""
+TRAIN_STEPS = 600
 HELD_OUT_FROM = 3600
 """First held-out window (the sample holds about 3,990 windows of 128 tokens)."""
 
@@ -44,13 +49,14 @@ def trained(tinystories, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tinystories_sae")
     store_cfg = StoreConfig(sites=(SITE,), context_length=128, batch_size=1024, buffer_tokens=32_768,
                             model_batch_size=32)
-    store = ActivationStore.from_corpus(tinystories, corpus, store_cfg, max_tokens=TRAIN_TOKENS, repeat=True)
-    sae_cfg = SAEConfig(d_in=128, d_sae=1024, family="topk", k=16, site=SITE, model_id=tinystories.model_id)
-    train_cfg = TrainConfig(n_steps=1000, lr=1e-3, dead_after_tokens=200_000, progress=False, tensorboard=False)
     started, cpu = time.perf_counter(), time.process_time()
+    harvest_to_disk(tinystories, corpus, out / "acts", store_cfg, n_tokens=TRAIN_TOKENS, contexts_per_shard=128)
+    store = ActivationStore.from_disk(out / "acts", batch_size=1024, buffer_tokens=32_768, repeat=True)
+    sae_cfg = SAEConfig(d_in=128, d_sae=1024, family="topk", k=16, site=SITE, model_id=tinystories.model_id)
+    train_cfg = TrainConfig(n_steps=TRAIN_STEPS, lr=1e-3, dead_after_tokens=200_000, progress=False, tensorboard=False)
     sae = train_sae(sae_cfg, store.batches(), train_cfg, out_dir=out)
     seconds = time.perf_counter() - started, time.process_time() - cpu
-    print(f"\ntrained in {seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU on {store.tokens_read} activation rows")
+    print(f"\nharvested and trained in {seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU")
     return sae.eval(), out / "sae"
 
 
