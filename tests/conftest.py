@@ -24,7 +24,8 @@ def _typecheck_interplab() -> None:
         raise RuntimeError("INTERPLAB_TYPECHECK: interplab was imported before the import hook could be installed")
     from jaxtyping import install_import_hook
 
-    install_import_hook("interplab", "beartype.beartype")
+    # the PEP 484 numeric tower: an int is accepted where a float is annotated, as Python's typing says
+    install_import_hook("interplab", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 
 _typecheck_interplab()
