@@ -1,4 +1,4 @@
-"""The run-time type-check pass of CI (INTERPLAB_TYPECHECK=1, installed in tests/conftest.py)."""
+"""The run-time type-check pass (scripts/typecheck.sh: INTERPLAB_TYPECHECK=1, hook installed in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_annotations_are_checked_when_the_pass_is_on():
     W = torch.ones(2, 3)  # two dimensions where "instances features hidden" asks for three
     if os.environ.get("INTERPLAB_TYPECHECK", "") in ("", "0"):
         assert feature_norms(W).shape == (2,)  # unchecked: the wrong shape goes through
-        pytest.skip("INTERPLAB_TYPECHECK is off (CI runs the fast suite once with it on)")
+        pytest.skip("INTERPLAB_TYPECHECK is off (scripts/typecheck.sh runs the fast suite with it on)")
     from jaxtyping import TypeCheckError
 
     with pytest.raises(TypeCheckError, match="feature_norms"):
