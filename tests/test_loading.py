@@ -128,11 +128,11 @@ def test_info_command_on_local_folder(shared_dir):
     path = shared_dir / "models" / "TinyStories-656K"
     if not path.is_dir():
         pytest.skip("shared TinyStories model missing")
-    out = subprocess.run([sys.executable, "-m", "interplab.cli", "info", str(path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "-m", str(path)], capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     assert "n_layers" in out.stdout and "128" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "/no/such/model"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "-m", "/no/such/model"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "no model folder" in bad.stderr
 

@@ -31,6 +31,11 @@ class ActivationCache(Mapping):
     """(batch, seq, vocab) when capture(..., logits=True)."""
     _aligned: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}: {tuple(value.shape)}" for name, value in self.activations.items())
+        logits = f", logits {tuple(self.logits.shape)}" if self.logits is not None else ""
+        return f"ActivationCache({shapes}{logits}; cache[site] is a tensor)"
+
     def _key(self, name) -> str:
         name = name.name if isinstance(name, Site) else str(name)
         if name in self.activations:

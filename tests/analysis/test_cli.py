@@ -42,7 +42,7 @@ def test_patch_attribute_ablate_lens_embed_math(model_dir, facts, tmp_path):
     assert len(rows) == 1 + 3 and rows[0].count(",") == 6
     _ok(["patch", "-m", model_dir, "-t", facts, "--grid", "heads", "-o", str(tmp_path / "h")])
     assert json.loads((tmp_path / "h" / "patch_heads.json").read_text())["cols"] == ["H0", "H1", "H2", "H3"]
-    out = _ok(["attribute", "-m", model_dir, "-t", facts, "--grid", "layers", "-o", str(tmp_path / "a")])
+    out = _ok(["attribute", "-m", model_dir, "-t", facts, "--grid", "layers", "--compare", "-o", str(tmp_path / "a")])
     assert "pearson r" in out
     stats = json.loads((tmp_path / "a" / "compare_layers.json").read_text())
     assert -1 <= stats["pearson"] <= 1 and stats["n_cells"] == 6
@@ -66,6 +66,9 @@ def test_patch_attribute_ablate_lens_embed_math(model_dir, facts, tmp_path):
     (["patch", "--layers", "0-9"], "layer 3 is out of range"),
     (["embed-math", "'w1 w2' + w3"], "is 2 tokens"),
     (["lens"], "give --prompt"),
+    (["lens", "--task", "ioi", "--prompt", "x"], "not both"),
+    (["patch", "--kind", "hook_resid_max"], "--kind must be one of"),
+    (["ablate", "--method", "half"], "--method must be one of"),
 ])
 def test_bad_input_exits_2_with_a_message(model_dir, facts, args, match):
     args = args[:1] + ["-m", model_dir] + (["-t", facts] if args[0] in ("ablate", "patch") else []) + args[1:]

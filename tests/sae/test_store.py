@@ -158,6 +158,18 @@ def test_killed_disk_harvest_resumes_to_the_same_shards(llama, corpus_file, tmp_
     assert served == sum(s["n_tokens"] for s in a["shards"])
 
 
+def test_n_tokens_stops_at_exactly_the_number_asked_for(llama, corpus_file, tmp_path):
+    cfg = StoreConfig(sites=(SITE,), context_length=16, model_batch_size=4)
+    chunks = list(store_module.harvest_chunks(llama, corpus_file, cfg, max_tokens=37))
+    assert sum(len(c) for c in chunks) == 37  # not a whole number of forward passes
+    whole = list(store_module.harvest_chunks(llama, corpus_file, cfg))
+    torch.testing.assert_close(torch.cat([c.acts[SITE] for c in chunks]),
+                               torch.cat([c.acts[SITE] for c in whole])[:37])
+    harvest_to_disk(llama, corpus_file, tmp_path / "h", cfg, contexts_per_shard=8, n_tokens=101)
+    manifest = read_manifest(tmp_path / "h")
+    assert sum(s["n_tokens"] for s in manifest["shards"]) == 101 and manifest["complete"]
+
+
 def test_disk_harvest_refuses_other_settings(llama, corpus_file, tmp_path):
     cfg = StoreConfig(sites=(SITE,), context_length=16, model_batch_size=4)
     harvest_to_disk(llama, corpus_file, tmp_path / "h", cfg, contexts_per_shard=8, n_tokens=100)

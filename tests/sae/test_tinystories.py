@@ -103,12 +103,12 @@ def test_cli_reads_searches_and_steers_with_the_trained_sae(trained, tinystories
         density = idx.db.execute("SELECT id FROM features ORDER BY density DESC LIMIT 1").fetchone()[0]
         label = idx.summary(density).label
     word = label.split("'")[1]
-    assert str(density) in run("search", index, word, "--limit", 50)
+    assert str(density) in run("search", index, word, "--n-results", 50)
     card = tmp_path / "card.html"
     run("card", index, density, "--out", card)
     assert "<svg" in card.read_text() and "Top-activating contexts" in card.read_text()
     assert "Lily" in run("inspect", folder, "Lily went to the park.", "--index", index, *model)
-    assert "steer" in run("steer", folder, "--feature", density, "--prompt", "Once upon a time", "--alpha", 8,
+    assert "steer" in run("steer", folder, "--feature", density, "--prompt", "Once upon a time", "--scale", 8,
                           "--max-new-tokens", 5, *model)
     assert "bias" in run("steer", folder, "--feature", density, "--prompt", "Once upon a time", "--method", "bias",
                          "--only-when-active", "--max-new-tokens", 5, *model)
@@ -126,7 +126,7 @@ def test_cli_train_harvests_to_disk_and_bad_input_exits_2(tinystories, corpus, t
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "sae" / "config.json").is_file()
     manifest = read_manifest(tmp_path / "acts")
-    assert manifest["complete"] and sum(s["n_tokens"] for s in manifest["shards"]) >= 12000
+    assert manifest["complete"] and sum(s["n_tokens"] for s in manifest["shards"]) == 12000  # exactly
     too_long = runner.invoke(app, [*args[:-2], "--context-length", "1024", "--out", str(tmp_path / "other")])
     assert too_long.exit_code == 2 and "512" in too_long.output
     wrong_width = runner.invoke(app, ["sae", "eval", str(tmp_path / "run" / "sae"), "--corpus", str(corpus),

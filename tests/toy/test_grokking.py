@@ -175,10 +175,11 @@ def test_cli_tiny_run_writes_outputs(tmp_path):
 
     from interplab.cli import app
 
-    args = ["toy", "grokking", "--out", str(tmp_path), "--p", "13", "--d-model", "16", "--n-heads", "2",
+    args = ["toy", "grokking", "--out", str(tmp_path / "run"), "--p", "13", "--d-model", "16", "--n-heads", "2",
             "--d-mlp", "32", "--steps", "30", "--checkpoint-every", "10", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    tmp_path = tmp_path / "run"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["config"]["p"] == 13
     assert len(summary["progress_measures"]["restricted_loss"]) == 4
@@ -187,14 +188,61 @@ def test_cli_tiny_run_writes_outputs(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000030.safetensors").exists()
 
 
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from interplab.toy import grokking as gk
+
+    config = GrokkingConfig(p=13, d_model=16, n_heads=2, d_mlp=32, steps=60, checkpoint_every=20, eval_every=10,
+                            stop_after_generalisation=None)
+    whole = gk.train_grokking(config)
+    real_log, calls = gk._log, []
+
+    def dying_log(history, step, *args):
+        if step == 50:  # killed after the state of step 40 was written
+            raise KeyboardInterrupt
+        calls.append(step)
+        return real_log(history, step, *args)
+
+    monkeypatch.setattr(gk, "_log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        gk.train_grokking(config, state_dir=tmp_path)
+    assert (tmp_path / gk.STATE_FILE).exists() and (tmp_path / "checkpoints" / "step_000040.safetensors").exists()
+    monkeypatch.setattr(gk, "_log", lambda history, step, *args: (calls.append(step), real_log(history, step, *args)))
+    calls.clear()
+    resumed = gk.train_grokking(config, state_dir=tmp_path)
+    assert calls[0] == 40  # continued from the saved state, not from step 0
+    assert resumed.history == whole.history and resumed.steps_done == whole.steps_done
+    assert sorted(resumed.checkpoints) == sorted(whole.checkpoints) == [0, 20, 40, 60]
+    for step in whole.checkpoints:
+        for name, value in whole.checkpoints[step].items():
+            torch.testing.assert_close(resumed.checkpoints[step][name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        gk.train_grokking(GrokkingConfig(p=13, d_model=16, n_heads=2, d_mlp=32, steps=60, lr=1e-3), state_dir=tmp_path)
+
+
+def test_cli_resume_and_overwrite_rules(tmp_path):
+    from typer.testing import CliRunner
+
+    from interplab.cli import app
+
+    args = ["toy", "grokking", "-o", str(tmp_path), "--p", "13", "--d-model", "16", "--n-heads", "2",
+            "--d-mlp", "32", "--steps", "20", "--checkpoint-every", "10", "--no-progress"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "already exists" in refused.output and "Traceback" not in refused.output
+    assert CliRunner().invoke(app, args + ["--resume"]).exit_code == 0
+    assert CliRunner().invoke(app, args + ["--resume"]).exit_code == 0  # a finished run: nothing left to do
+    both = CliRunner().invoke(app, args + ["--resume", "--overwrite"])
+    assert both.exit_code == 2 and "give one of them" in both.output
+
+
 def test_cli_rejects_composite_p(tmp_path):
     from typer.testing import CliRunner
 
     from interplab.cli import app
 
-    result = CliRunner().invoke(app, ["toy", "grokking", "--out", str(tmp_path), "--p", "100", "--no-progress"])
-    assert result.exit_code != 0
-    assert "prime > 2" in result.output
+    result = CliRunner().invoke(app, ["toy", "grokking", "--out", str(tmp_path / "run"), "--p", "100",
+                                      "--no-progress"])
+    assert result.exit_code == 2 and "prime > 2" in result.output and "Traceback" not in result.output
+    assert "╭" not in result.output  # one plain line, no Typer box
 
 
 # ----------------------------------------------------------------------------- the phase change (slow)

@@ -224,7 +224,7 @@ def test_cli_writes_summary_figures_and_weights(tmp_path):
 
     out = tmp_path / "sp"
     args = ["toy", "superposition", "--out", str(out), "--steps", "50", "--n-features", "3", "--n-hidden", "3",
-            "-s", "0", "-s", "0.9", "--no-heatmaps", "--no-dimensionality", "--no-phase-diagram", "--no-progress"]
+            "--sparsity", "0", "--sparsity", "0.9", "--no-heatmaps", "--no-dimensionality", "--no-phase-diagram", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "no superposition is possible" in result.output
@@ -242,6 +242,6 @@ def test_cli_rejects_bad_sparsity(tmp_path):
 
     from interplab.cli import app
 
-    result = CliRunner().invoke(app, ["toy", "superposition", "--out", str(tmp_path), "-s", "1.0", "--no-progress"])
+    result = CliRunner().invoke(app, ["toy", "superposition", "--out", str(tmp_path / "sp"), "--sparsity", "1.0", "--no-progress"])
     assert result.exit_code != 0
     assert "outside [0, 1)" in result.output

@@ -54,6 +54,11 @@ class LensResult:
     """(batch, rows, seq) rank of the answer (0: the lens's top token)."""
     answers: list[str] | None = None
 
+    def __repr__(self) -> str:
+        answer = f", answers {self.answers[:3]!r}{'...' if len(self.answers) > 3 else ''}" if self.answers else ""
+        return (f"LensResult({len(self.tokens)} prompts x {len(self.rows)} read-outs{answer}; "
+                ".grid(prompt, 'answer_prob' | 'answer_rank' | 'top_prob') to plot or save)")
+
     def grid(self, prompt: int = 0, value: str = "answer_prob") -> Grid:
         """rows x positions of one prompt: "answer_prob", "answer_rank" or "top_prob"."""
         n = len(self.tokens[prompt])
@@ -199,6 +204,11 @@ class DLAResult:
     per_prompt: dict
     """The same terms per prompt: "heads" (batch, layers, heads), "mlps", "embed", "biases"."""
     meta: dict
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{name} {value:+.2f}" for name, value in self.top(3))
+        return (f"DLAResult(readout {self.readout:.3f} = sum of parts {self.total:.3f}; largest: {top}; "
+                ".top(k), .grid() to plot or save)")
 
     def grid(self) -> Grid:
         """layers x (H0..Hn, mlp)."""

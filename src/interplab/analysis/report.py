@@ -49,6 +49,13 @@ class Grid:
             raise ValueError(f"grid values are {rows}x{cols} but there are {len(self.row_labels)} "
                              f"row and {len(self.col_labels)} column labels")
 
+    def __repr__(self) -> str:
+        rows, cols = self.values.shape
+        best = self.top(1)
+        peak = f"; largest {best[0][2]:+.3g} at ({best[0][0]}, {best[0][1]})" if best else ""
+        return (f"Grid({self.title or self.value_name!r}: {rows} rows x {cols} columns{peak}; "
+                ".top(k), .cell(row, col), .save(folder, name) for CSV/JSON/PNG)")
+
     def cell(self, row: str | int, col: str | int) -> float:
         """The value at a row and column given by label or index."""
         r = self.row_labels.index(row) if isinstance(row, str) else row

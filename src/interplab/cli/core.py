@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-ModelArg = Annotated[str, typer.Argument(help="An alias (see `interplab models`), a local HF folder or a Hub id.")]
+from interplab.cli.options import (
+    DEFAULT_MODEL, MAX_NEW_TOKENS, ChatOpt, MaxNewTokensOpt, ModelOpt, SeedOpt, check_positive,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,13 +34,13 @@ def models() -> None:
     console.print(f"cache: {cache_root()}")
 
 
-def info(model: ModelArg = "smollm2-135m-instruct",
+def info(model: ModelOpt = DEFAULT_MODEL,
          sites: Annotated[bool, typer.Option(help="List every site name.")] = False) -> None:
     """Layers, widths, heads and sites of a model."""
     from rich.console import Console
     from rich.table import Table
 
-    handle = _load(model)
+    handle = load_model(model)
     table = Table(title=handle.model_id, show_header=False)
     for key, value in handle.describe().items():
         table.add_row(key, str(value))
@@ -54,31 +56,33 @@ def info(model: ModelArg = "smollm2-135m-instruct",
 
 
 def generate(
-    model: ModelArg,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 40,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template (default: when the model has one).")] = None,
+    prompt: Annotated[str, typer.Argument(help="The prompt.", show_default=False)],
+    model: ModelOpt = DEFAULT_MODEL,
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
+    chat: ChatOpt = None,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    temperature: float = 1.0,
-    seed: int = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 1.0,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Continue a prompt, streaming the text."""
+    """Continue a prompt, streaming the text (chat template on when the model has one)."""
+    from interplab.errors import UserInputError
     from interplab.generation import generate as run_generate
 
-    handle = _load(model)
+    if not prompt.strip():
+        raise UserInputError("the prompt is empty: give the text to continue, e.g. interplab generate \"Once upon a time\"")
+    check_positive(max_new_tokens, "--max-new-tokens")
+    if temperature <= 0:
+        raise UserInputError(f"--temperature must be > 0, got {temperature}")
+    handle = load_model(model)
     run_generate(handle, prompt, max_new_tokens=max_new_tokens, chat=chat, do_sample=sample,
                  temperature=temperature, seed=seed, stream=True)
 
 
-def _load(name: str):
-    """Load with a spinner, turning user errors into a clean message and exit code 2."""
+def load_model(name: str):
+    """Load with a spinner on stderr; a bad name raises a user error (one line, exit 2)."""
     from rich.console import Console
 
     from interplab.models.loading import load
 
-    try:
-        with Console(stderr=True).status(f"loading {name} ..."):
-            return load(name)
-    except (ValueError, ImportError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    with Console(stderr=True).status(f"loading {name} ..."):
+        return load(name)

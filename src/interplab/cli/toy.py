@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from interplab.cli.options import prepare_out
+
 app = typer.Typer(no_args_is_help=True)
 
 _DEFAULT_SPARSITIES = [0.0, 0.7, 0.9, 0.97, 0.99, 0.997]
@@ -20,14 +22,15 @@ _DEFAULT_SPARSITIES = [0.0, 0.7, 0.9, 0.97, 0.99, 0.997]
 @app.command()
 def superposition(
     out: Path = typer.Option(
-        Path("runs/toy-superposition"), "--out", help="Folder for figures, summary.json and weights."
+        Path("runs/toy-superposition"), "--out", "-o", help="Folder for figures, summary.json and weights."
     ),
+    overwrite: bool = typer.Option(False, help="Replace an existing output instead of refusing."),
     n_features: int = typer.Option(5, help="n: number of sparse input features."),
     n_hidden: int = typer.Option(
         2, help="m: hidden dimensions (m >= n is allowed; then no superposition is possible)."
     ),
     sparsity: list[float] = typer.Option(
-        _DEFAULT_SPARSITIES, "--sparsity", "-s",
+        _DEFAULT_SPARSITIES, "--sparsity",
         help="Feature sparsity S in [0, 1); repeat for several (one model instance each, trained together).",
     ),
     importance_decay: float = typer.Option(0.9, help="r: feature i has importance r^i."),
@@ -48,14 +51,12 @@ def superposition(
     from interplab.toy import superposition as sp
     from interplab.toy.experiments import run_superposition_experiments
 
-    try:
-        config = sp.SuperpositionConfig(
-            n_features=n_features, n_hidden=n_hidden, sparsities=tuple(sparsity),
-            importance_decay=importance_decay, activation=activation, correlation=correlation,
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        )
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
+    config = sp.SuperpositionConfig(
+        n_features=n_features, n_hidden=n_hidden, sparsities=tuple(sparsity),
+        importance_decay=importance_decay, activation=activation, correlation=correlation,
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+    )
+    prepare_out(out, overwrite)
     summary = run_superposition_experiments(
         config, out, heatmaps=heatmaps, dimensionality=dimensionality, phase_diagram=phase_diagram,
         progress=progress,
@@ -74,8 +75,10 @@ def superposition(
 @app.command()
 def grokking(
     out: Path = typer.Option(
-        Path("runs/toy-grokking"), "--out", help="Folder for figures, summary.json, history and checkpoints."
+        Path("runs/toy-grokking"), "--out", "-o", help="Folder for figures, summary.json, history and checkpoints."
     ),
+    resume: bool = typer.Option(False, help="Continue the interrupted run in OUT (same settings)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output instead of refusing."),
     paper: bool = typer.Option(
         False, "--paper",
         help="Use the settings of Nanda et al. 2023 (d_model 128, d_mlp 512, lr 1e-3, up to 40k steps, "
@@ -88,19 +91,21 @@ def grokking(
     d_mlp: Optional[int] = typer.Option(None, help="MLP width (default 256; paper 512)."),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 5e-3; paper 1e-3)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 1.0)."),
-    steps: Optional[int] = typer.Option(None, help="Maximum full-batch steps."),
+    steps: Optional[int] = typer.Option(None, help="Maximum full-batch steps (default 3000; --paper 40000)."),
     stop_after: Optional[int] = typer.Option(
         None, help="Stop this many steps after test accuracy reaches 95% (default 500, --paper 3000; -1: never)."
     ),
-    eval_every: Optional[int] = typer.Option(None, help="Log losses and accuracies every N steps (default 10)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Keep weights every N steps (default 100)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the initial weights."),
-    data_seed: Optional[int] = typer.Option(None, help="Seed for the train/test split."),
+    eval_every: Optional[int] = typer.Option(None, help="Log losses and accuracies every N steps (default 10, --paper 20)."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, help="Keep weights and save the training state every N steps (default 100, --paper 250)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the initial weights (default 0)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed for the train/test split (default 0)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Grokking on modular addition (Power et al. 2022; Nanda et al. 2023): train, detect, explain."""
     import dataclasses
 
+    from interplab.errors import UserInputError
     from interplab.toy import grokking as gk
     from interplab.toy.experiments import run_grokking_experiment
 
@@ -110,12 +115,11 @@ def grokking(
         weight_decay=weight_decay, steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
         seed=seed, data_seed=data_seed,
     )
-    try:
-        config = gk.with_overrides(base, **overrides)
-        if stop_after is not None:
-            config = dataclasses.replace(config, stop_after_generalisation=None if stop_after < 0 else stop_after)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
+    config = gk.with_overrides(base, **overrides)
+    if stop_after is not None:
+        config = dataclasses.replace(config, stop_after_generalisation=None if stop_after < 0 else stop_after)
+    if _grokking_done_or_refused(out, resume, overwrite):
+        return
     summary = run_grokking_experiment(config, out, progress=progress)
     typer.echo(
         f"memorised at step {summary['memorisation_step']}, "
@@ -125,3 +129,27 @@ def grokking(
         f"of the embedding norm^2; {summary['steps']} steps in {summary['seconds']:.0f} s"
     )
     typer.echo(f"wrote {out}/summary.json, figures in {out}/figures, checkpoints in {out}/checkpoints")
+
+
+def _grokking_done_or_refused(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Apply the output rules before any work; True when a --resume finds the run finished."""
+    import shutil
+
+    from interplab.errors import UserInputError
+    from interplab.toy.experiments import training_state_dir
+
+    state = training_state_dir(out)
+    if resume and overwrite:
+        raise UserInputError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
+    if resume:
+        if (out / "summary.json").is_file() and not state.exists():
+            typer.echo(f"the run in {out} is finished; nothing to resume")
+            return True
+        return False
+    prepare_out(out, overwrite)
+    if state.exists():
+        if not overwrite:
+            raise UserInputError(f"an interrupted run is in {state}; pass --resume to continue it or --overwrite "
+                                 "to start over")
+        shutil.rmtree(state)
+    return False

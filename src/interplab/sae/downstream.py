@@ -123,6 +123,12 @@ class SAEEvaluation:
     activation: SAEMetrics
     downstream: DownstreamMetrics
 
+    def __repr__(self) -> str:
+        a, d = self.activation, self.downstream
+        return (f"SAEEvaluation({self.site}: FVU {a.fvu:.3f}, L0 {a.l0:.1f}, dead {a.dead_fraction:.1%}, "
+                f"CE loss recovered {d.ce_loss_recovered:.3f}, KL {d.kl_sae:.3f}; .rows() for a table, "
+                ".to_dict() to save)")
+
     def to_dict(self) -> dict:
         return {"site": self.site, **self.activation.to_dict(), **self.downstream.to_dict()}
 

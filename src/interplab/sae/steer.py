@@ -1,7 +1,7 @@
 """Changing what a model does with SAE features.
 
 Interventions (subclasses of `interplab.interventions.Intervention`, so they compose with
-`intervene` and with each other, and take the foundation's absolute `positions`):
+`intervene` and with each other, and take interplab's absolute `positions`):
 
 - `steer_feature`:  x ← x + α·d_i, with d_i = W_dec[i] / s the change one unit of latent i makes
   to the SAE's reconstruction in the model's own units (s is the SAE's input scale);

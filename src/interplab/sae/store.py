@@ -344,6 +344,11 @@ class ActivationChunk:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def head(self, n: int) -> "ActivationChunk":
+        """The first `n` rows (all of them when n >= len)."""
+        return ActivationChunk({k: v[:n] for k, v in self.acts.items()}, self.tokens[:n], self.contexts[:n],
+                               self.positions[:n])
+
 
 def site_width(model: LoadedModel, site: Site | str) -> int:
     """Width of one token's activation at `site`, flattened (attn.hook_z: n_heads * d_head)."""
@@ -398,7 +403,8 @@ class Harvester:
 def harvest_chunks(model, corpus, cfg: StoreConfig, *, start_context: int = 0,
                    max_tokens: int | None = None, share: tuple[int, int] | None = None) -> Iterator[ActivationChunk]:
     """Activations of the corpus's windows from `start_context` on, one chunk per forward pass
-    of cfg.model_batch_size windows, until the corpus ends or max_tokens rows were produced.
+    of cfg.model_batch_size windows, until the corpus ends or exactly max_tokens rows were produced
+    (the last chunk is cut).
 
     share=(rank, world_size): only the forward passes number rank, rank + world_size, ... (a
     disjoint, deterministic share per rank); start_context then counts this share's windows.
@@ -411,6 +417,8 @@ def harvest_chunks(model, corpus, cfg: StoreConfig, *, start_context: int = 0,
         if number % world == rank:
             if mine >= start_context:
                 chunk = harvester.run(batch, index)
+                if max_tokens is not None:
+                    chunk = chunk.head(max_tokens - produced)
                 produced += len(chunk)
                 yield chunk
                 if max_tokens is not None and produced >= max_tokens:
@@ -603,8 +611,8 @@ def harvest_to_disk(model, corpus, out_dir, cfg: StoreConfig, *, n_tokens: int |
                     contexts_per_shard: int = 256, progress: bool = False,
                     share: tuple[int, int] | None = None, group=None) -> Path:
     """Harvest activations into `out_dir` (see the module docstring), resuming a harvest that
-    was stopped. Stops when the corpus ends or at least `n_tokens` rows were written (checked
-    after each shard). Shards hold a multiple of cfg.model_batch_size windows, so a resumed
+    was stopped. Stops when the corpus ends or exactly `n_tokens` rows were written (the last
+    shard is cut). Shards hold a multiple of cfg.model_batch_size windows, so a resumed
     harvest runs exactly the same forward passes as an uninterrupted one.
 
     Under torchrun (`group`, default the job this process joined) each rank harvests its share
@@ -629,6 +637,8 @@ def harvest_to_disk(model, corpus, out_dir, cfg: StoreConfig, *, n_tokens: int |
     chunks = harvest_chunks(model, corpus, cfg, start_context=start, share=share)
     bar = progress_bar(progress, total=n_tokens, initial=written, unit="tok", desc="harvest")
     for shard in _group_shards(chunks, contexts_per_shard, cfg.model_batch_size):
+        if n_tokens is not None:
+            shard = shard.head(n_tokens - written)
         entry = _write_shard(out, len(manifest["shards"]), shard)
         manifest["shards"].append(entry)
         written += entry["n_tokens"]

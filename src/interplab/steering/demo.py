@@ -1,8 +1,9 @@
-"""The seed demo: make the default model talk about cold weather.
+"""The steering demo: make the default model talk about cold weather.
 
-    interplab demo
+    interplab demo [--out runs/cold-minus-hot]
 
-1. Continue "The weather in California is" (greedy, no chat template).
+1. Continue "The weather in California is" (greedy, raw text: no chat template, so that the
+   continuation is the model's plain next-token prediction for this sentence).
 2. Build a "cold minus hot" vector by mean difference (CAA) at one layer from a small
    built-in contrast set: the same weather prompts completed with a cold and a hot
    description, activations averaged over the completion tokens.
@@ -126,6 +127,13 @@ class DemoResult:
     rows: list[DemoRow] = field(default_factory=list)
     """Scale 0 first (the baseline), then each steered scale."""
     seconds: float = 0.0
+    vector: object = None
+    """The "cold minus hot" SteeringVector that was built (save it with `.vector.save(folder)`)."""
+
+    def __repr__(self) -> str:
+        cells = ", ".join(f"{r.scale:+g}: cold share {r.p_cold / max(r.p_cold + r.p_hot, 1e-12):.0%}"
+                          for r in self.rows)
+        return f"DemoResult(layer {self.layer}, {len(self.rows)} rows [{cells}], {self.seconds:.1f} s)"
 
 
 def run_demo(model=None, *, layer: int = DEMO_LAYER, scales: Sequence[float] = DEMO_SCALES,
@@ -154,6 +162,7 @@ def run_demo(model=None, *, layer: int = DEMO_LAYER, scales: Sequence[float] = D
 
     result.rows.append(measure(0.0))
     vector = extract_vector(model, cold_hot_pairs(), layers=[layer], read="mean", holdout=0.0, chat=False).vector
+    result.vector = vector
     say(f"built 'cold minus hot' at blocks.{layer}.hook_resid_post from {len(COLD_HOT)} pairs "
         f"(mean difference over completion tokens; norm {vector.norms()[layer]:.1f})")
     for scale in scales:

@@ -77,7 +77,7 @@ class DamageRow:
 # --- A/B --------------------------------------------------------------------------------------
 
 def ab_sweep(model, vector: SteeringVector, dataset: ContrastDataset, *, layers=None,
-             multipliers: Sequence[float] = (-2, -1, 0, 1, 2), positions="caa", chat: bool | None = None,
+             multipliers: Sequence[float] = (-2, -1, 0, 1, 2), positions="all", chat: bool | None = None,
              batch_size: int = 16, progress: bool = False) -> list[SweepRow]:
     """The A/B score for every layer x multiplier (multiplier 0 is computed once)."""
     model = as_loaded(model)

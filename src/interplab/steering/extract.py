@@ -91,6 +91,11 @@ class Extraction:
     report: tuple[LayerScore, ...]
     """Empty when nothing was held out."""
 
+    def __repr__(self) -> str:
+        scores = ", ".join(f"L{s.layer} {s.accuracy:.2f}" for s in self.report)
+        report = f"; held-out accuracy {scores}; best layer {self.best_layer()}" if self.report else ""
+        return f"Extraction({self.vector!r}{report}; .vector.save(folder) to keep it)"
+
     def best_layer(self) -> int | None:
         """The layer with the highest held-out accuracy (ties: the earlier layer)."""
         if not self.report:

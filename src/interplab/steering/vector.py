@@ -6,7 +6,7 @@ A steering vector is a value (repeng's lesson): `v + w`, `v - w`, `2.5 * v`, `-v
     with vec.apply(model, layers=[12], scale=4.0, positions="caa"):
         interplab.generate(model, "The weather in California is")
 
-`apply()` returns the foundation's `InterventionHandle`, so the handle form works too
+`apply()` returns interplab's `InterventionHandle`, so the handle form works too
 (`h = vec.apply(...); ...; h.remove()`).
 
 Steering adds `scale * v_L` to the residual stream at layer L (Turner et al. 2023,
@@ -192,7 +192,7 @@ class SteeringVector:
         positions: "all" (default; every token), "caa" (from the end of the instruction on:
         the chat template's tail after the user's message, then every generated token;
         Panickssery et al. 2024), "actadd" (ActAdd vectors: row p at position p;
-        Turner et al. 2023), or any foundation `Positions` value / shorthand.
+        Turner et al. 2023), or any `Positions` value / shorthand.
         norm_preserving: rescale each steered residual to the norm it had before.
         """
         model = as_loaded(model)

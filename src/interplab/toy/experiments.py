@@ -10,6 +10,8 @@ Each function writes into one output folder:
 
 from __future__ import annotations
 
+import shutil
+
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -110,14 +112,28 @@ def _phase_diagrams(out: Path, seed: int, progress: bool) -> dict:
 
 def run_grokking_experiment(config: GrokkingConfig, out: Path, *, progress: bool = False) -> dict:
     """Train, detect the phase steps, find key frequencies, compute progress measures, save
-    (`out` is written whole at the end, see `interplab.toy.artifacts.run_folder`)."""
-    run = train_grokking(config, progress=progress)
+    (`out` is written whole at the end, see `interplab.toy.artifacts.run_folder`).
+
+    While training, the state is saved every `checkpoint_every` steps into the sibling folder
+    `training_state_dir(out)`; calling this again with the same `out` and config continues an
+    interrupted run from there. The state folder is removed once `out` is written."""
+    out = Path(out)
+    state = training_state_dir(out)
+    run = train_grokking(config, progress=progress, state_dir=state)
     norms = embedding_frequency_norms(run.model)
     keys = key_frequencies(norms)
     measures = progress_measures(run, keys)
     memorised, generalised = phase_steps(run.history)
     with run_folder(out) as tmp:
-        return _save_grokking(run, tmp, norms, keys, measures, memorised, generalised)
+        summary = _save_grokking(run, tmp, norms, keys, measures, memorised, generalised)
+    shutil.rmtree(state, ignore_errors=True)  # the finished run is in `out` now
+    return summary
+
+
+def training_state_dir(out: str | Path) -> Path:
+    """Where an unfinished grokking run keeps its resumable state: `<out>.training` beside `out`."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.training")
 
 
 def _save_grokking(run, out: Path, norms, keys, measures, memorised, generalised) -> dict:

@@ -303,8 +303,15 @@ class GrokkingRun:
     steps_done: int = 0
 
 
-def train_grokking(config: GrokkingConfig, *, progress: bool = False) -> GrokkingRun:
-    """Full-batch AdamW on the training pairs, logging curves and keeping checkpoints."""
+def train_grokking(config: GrokkingConfig, *, progress: bool = False,
+                   state_dir: str | Path | None = None) -> GrokkingRun:
+    """Full-batch AdamW on the training pairs, logging curves and keeping checkpoints.
+
+    With `state_dir`, every `checkpoint_every` steps the checkpoint and the full training state
+    (weights, AdamW moments, warm-up schedule, curves) are written there, and a run that finds a
+    state from an interrupted call with the same config continues from it; training is
+    deterministic full-batch, so the result equals an uninterrupted run.
+    """
     model = GrokTransformer(config, generator=torch.Generator().manual_seed(config.seed))
     data = modular_addition_data(config.p, config.train_fraction, config.data_seed)
     train_x, train_y = data.tokens[data.train_index], data.labels[data.train_index]
@@ -313,11 +320,21 @@ def train_grokking(config: GrokkingConfig, *, progress: bool = False) -> Grokkin
     )
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     history, checkpoints = GrokkingHistory(), {}
-    stop_at, start, step = config.steps, time.perf_counter(), 0
+    stop_at, first, earlier_seconds = config.steps, 0, 0.0
+    state_dir = None if state_dir is None else Path(state_dir)
+    resumed = state_dir is not None and (state_dir / STATE_FILE).exists()
+    if resumed:
+        first, stop_at, earlier_seconds = _restore_state(state_dir, config, model, optimizer, warmup, history,
+                                                         checkpoints)
+    start, step = time.perf_counter(), first
     bar = progress_bar(progress, total=config.steps, desc="grokking")
-    for step in range(config.steps + 1):
+    for step in range(first, config.steps + 1):
         if step % config.checkpoint_every == 0 or step == stop_at:
             checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if state_dir is not None and not (resumed and step == first):
+                seconds = earlier_seconds + time.perf_counter() - start
+                _save_state(state_dir, step, stop_at, seconds, config, model, optimizer, warmup, history,
+                            checkpoints[step])
         logits = answer_logits(model, train_x)
         loss = cross_entropy(logits, train_y)
         if step % config.eval_every == 0 or step == stop_at:
@@ -331,7 +348,45 @@ def train_grokking(config: GrokkingConfig, *, progress: bool = False) -> Grokkin
         optimizer.step()
         warmup.step()
     bar.close()
-    return GrokkingRun(config, model, data, history, checkpoints, time.perf_counter() - start, step)
+    return GrokkingRun(config, model, data, history, checkpoints, earlier_seconds + time.perf_counter() - start, step)
+
+
+STATE_FILE = "train_state.pt"
+
+
+def _save_state(directory: Path, step: int, stop_at: int, seconds: float, config: GrokkingConfig, model,
+                optimizer, warmup, history: GrokkingHistory, checkpoint: dict[str, Tensor]) -> None:
+    """The state at the start of `step` (before its forward pass), written atomically; the
+    checkpoint file first, so that the state never points at a missing checkpoint."""
+    from interplab.files import atomic_write
+
+    save_tensors(directory / "checkpoints" / f"step_{step:06d}.safetensors", checkpoint)
+    state = {"step": step, "stop_at": stop_at, "seconds": seconds, "config": _config_dict(config),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "warmup": warmup.state_dict(),
+             "history": asdict(history)}
+    atomic_write(directory / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _restore_state(directory: Path, config: GrokkingConfig, model, optimizer, warmup, history: GrokkingHistory,
+                   checkpoints: dict) -> tuple[int, int, float]:
+    """Load the state written by `_save_state`; refuse one from another config."""
+    from interplab.errors import UserInputError
+
+    state = torch.load(directory / STATE_FILE, weights_only=True)
+    if state["config"] != _config_dict(config):
+        changed = sorted(k for k in state["config"] if state["config"][k] != _config_dict(config).get(k))
+        raise UserInputError(f"{directory} holds a grokking run with other settings ({', '.join(changed)} differ); "
+                             "choose another output folder, or overwrite it")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    warmup.load_state_dict(state["warmup"])
+    for name, values in state["history"].items():
+        getattr(history, name).extend(values)
+    for path in sorted((directory / "checkpoints").glob("step_*.safetensors")):
+        saved_step = int(path.stem.split("_")[1])
+        if saved_step < state["step"]:
+            checkpoints[saved_step] = load_tensors(path)
+    return state["step"], state["stop_at"], state["seconds"]
 
 
 def _log(history, step, model, data, loss, logits, train_y) -> None:
