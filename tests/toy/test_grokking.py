@@ -229,7 +229,14 @@ def test_cli_resume_and_overwrite_rules(tmp_path):
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "already exists" in refused.output and "Traceback" not in refused.output
     assert CliRunner().invoke(app, args + ["--resume"]).exit_code == 0
-    assert CliRunner().invoke(app, args + ["--resume"]).exit_code == 0  # a finished run: nothing left to do
+    state = tmp_path.with_name(tmp_path.name + ".training")
+    assert (tmp_path / "summary.json").is_file() and not state.exists()  # state removed once the run is written
+    finished = CliRunner().invoke(app, args + ["--resume"])
+    assert finished.exit_code == 0 and "nothing to resume" in finished.output
+    new = tmp_path.parent / "new"
+    (tmp_path.parent / "new.training").mkdir()  # an interrupted run's state: refused without --resume
+    refused = CliRunner().invoke(app, args[:2] + ["-o", str(new)] + args[4:])
+    assert refused.exit_code == 2 and "interrupted run" in refused.output and not new.exists()
     both = CliRunner().invoke(app, args + ["--resume", "--overwrite"])
     assert both.exit_code == 2 and "give one of them" in both.output
 

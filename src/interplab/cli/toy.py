@@ -105,7 +105,6 @@ def grokking(
     """Grokking on modular addition (Power et al. 2022; Nanda et al. 2023): train, detect, explain."""
     import dataclasses
 
-    from interplab.errors import UserInputError
     from interplab.toy import grokking as gk
     from interplab.toy.experiments import run_grokking_experiment
 
