@@ -16,12 +16,12 @@ from interplab.cli.sae import ModelOpt, SiteOpt, _console, _load_model, _load_sa
 @app.command("bench")
 def bench(
     sae_paths: Annotated[list[Path], typer.Argument(help="One or more SAE folders (same model).")],
-    out: Annotated[Path, typer.Option(help="Folder for one results JSON per SAE and comparison.png.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one results JSON per SAE and comparison.png.")],
     model: ModelOpt = None,
     site: SiteOpt = None,
     ks: Annotated[str, typer.Option(help="Comma-separated numbers of latents for k-sparse probing.")] = "1,2,5,10,20",
     max_tokens: Annotated[int, typer.Option(help="Word tokens from the tokenizer to build the tasks from.")] = 4000,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Feature absorption (first letter) and k-sparse probing per SAE: a results table each and a
     comparison plot across them."""
@@ -51,19 +51,19 @@ def bench(
 @app.command("transcoders")
 def transcoders(
     corpus: Annotated[str, typer.Option(help="Text/JSONL file or folder to harvest from.")],
-    out: Annotated[Path, typer.Option(help="Folder for the transcoders (one layer_<L> folder each).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the transcoders (one layer_<L> folder each).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model alias, folder or Hub id.")] = "smollm2-135m-instruct",
     layers: Annotated[str, typer.Option(help="Comma-separated layers, or 'all'.")] = "all",
     family: Annotated[str, typer.Option(help="topk, relu or jumprelu.")] = "topk",
     d_sae: Annotated[Optional[int], typer.Option(help="Latents (default: 8 x d_model).")] = None,
     k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
     skip: Annotated[bool, typer.Option(help="Train skip transcoders (a linear skip term).")] = True,
-    steps: int = 1000,
-    batch_size: int = 1024,
-    lr: float = 2e-3,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per transcoder.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Tokens per batch.")] = 1024,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-3,
     n_tokens: Annotated[Optional[int], typer.Option(help="Tokens read per pass (default: all).")] = None,
     eval_contexts: Annotated[int, typer.Option(help="Windows after the training ones to measure CE recovered on (0: skip).")] = 32,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train a transcoder per layer from one harvest pass, save them, and splice them in for the MLPs."""
     from interplab.sae.store import corpus_windows
@@ -89,7 +89,7 @@ def transcoders(
 def graph(
     transcoders_path: Annotated[Path, typer.Argument(help="A folder written by `interplab sae transcoders`.")],
     prompt: Annotated[str, typer.Option(help="The prompt (its last position is attributed).")],
-    out: Annotated[Path, typer.Option(help="Folder for graph.json and graph.html.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.json and graph.html.")],
     model: ModelOpt = None,
     target: Annotated[Optional[str], typer.Option(help="Target token (default: the top prediction).")] = None,
     node_threshold: Annotated[float, typer.Option(help="Fraction of feature influence to keep.")] = 0.8,

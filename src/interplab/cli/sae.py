@@ -13,9 +13,10 @@ import typer
 
 from interplab.cli.core import load_model
 from interplab.cli.options import (
-    CONTEXT_LENGTH, DEFAULT_MODEL, MAX_NEW_TOKENS, ArtifactModelOpt, ChatOpt, MaxNewTokensOpt, ModelOpt,
-    OverwriteOpt, SeedOpt, check_choice, check_positive, config_n_layers, prepare_out,
+    CONTEXT_LENGTH, DEFAULT_MODEL, MAX_NEW_TOKENS, ArtifactModelOpt, ChatOpt, MaxNewTokensOpt, OverwriteOpt,
+    SeedOpt, check_choice, check_positive, config_n_layers, prepare_out,
 )
+from interplab.cli.options import ModelOpt as TrainModelOpt
 from interplab.errors import UserInputError
 
 app = typer.Typer(no_args_is_help=True)
@@ -34,6 +35,14 @@ BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
 FeatureOpt = Annotated[int, typer.Option(help="Latent id.", show_default=False)]
 PromptsOpt = Annotated[list[str], typer.Option(help="A prompt (repeat for several).", show_default=False)]
 STEER_METHODS = ("steer", "clamp", "ablate", "bias")
+ModelOpt = ArtifactModelOpt  # --model/-m, default: the model the SAE was trained on (also used by cli/decomp.py)
+
+
+def _user_errors():
+    """Kept for cli/decomp.py: user errors are handled once, for every command, in cli/errors.py."""
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _load_model(name: str | None, sae=None):
@@ -76,7 +85,7 @@ def train(
     corpus: CorpusOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the SAE goes to OUT/sae, logs and "
                                                           "checkpoints beside it.", show_default=False)],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: TrainModelOpt = DEFAULT_MODEL,
     family: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
     d_sae: Annotated[Optional[int], typer.Option(help="Latents. [default: 8 x the site's width]",
                                                  show_default=False)] = None,
