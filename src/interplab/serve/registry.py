@@ -1,0 +1,153 @@
+"""What the server can steer with: named steering vectors, SAEs and their feature indexes.
+
+Vectors live in a folder (one vector folder per name, the library's own format) or, without
+`--vectors`, in memory. Names use a safe alphabet, so nothing is ever written outside the
+registry folder. Every vector is checked against the model's width before it is kept.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from interplab.models.handle import LoadedModel
+from interplab.serve.schemas import APIError
+from interplab.steering.vector import SteeringVector, load_vector
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str, what: str = "vector") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise APIError(400, f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
+                            "starting with a letter or digit", param="name", code="invalid_name")
+    return name
+
+
+def check_fits(vector: SteeringVector, model: LoadedModel, name: str) -> None:
+    """The vector's width and layers against the model, as a 400 that names both widths."""
+    if vector.d_model != model.d_model:
+        made_on = f" (made on {vector.model_id})" if vector.model_id else ""
+        raise APIError(400, f"vector {name!r} has width {vector.d_model}{made_on} but this model "
+                            f"({model.model_id}) has hidden_size {model.d_model}", param="vector",
+                       code="wrong_width")
+    too_deep = [k for k in vector.layers if k >= model.n_layers]
+    if too_deep:
+        raise APIError(400, f"vector {name!r} has layers {too_deep} but this model has {model.n_layers} "
+                            f"blocks (valid 0..{model.n_layers - 1})", param="vector", code="wrong_layers")
+
+
+@dataclass
+class VectorRegistry:
+    model: LoadedModel
+    folder: Path | None = None
+    _vectors: dict[str, SteeringVector] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.folder is None:
+            return
+        self.folder = Path(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if NAME_PATTERN.match(path.name):
+                self._vectors[path.name] = load_vector(path)
+
+    def names(self) -> list[str]:
+        return sorted(self._vectors)
+
+    def describe(self) -> list[dict]:
+        return [{"name": name, "layers": v.layers, "d_model": v.d_model, "site": v.site, "method": v.method,
+                 "model_id": v.model_id, "fits": v.d_model == self.model.d_model}
+                for name, v in sorted(self._vectors.items())]
+
+    def get(self, name: str, param: str = "vector") -> SteeringVector:
+        if name not in self._vectors:
+            known = ", ".join(self.names()) or "none (upload one to /api/vectors)"
+            raise APIError(404, f"unknown steering vector {name!r}; known vectors: {known}", param=param,
+                           code="vector_not_found")
+        return self._vectors[name]
+
+    def add(self, name: str, vector: SteeringVector, *, overwrite: bool = False) -> None:
+        check_name(name)
+        check_fits(vector, self.model, name)
+        with self._lock:
+            if name in self._vectors and not overwrite:
+                raise APIError(409, f"a vector named {name!r} exists; delete it first or pass overwrite",
+                               param="name", code="vector_exists")
+            if self.folder is not None:
+                from interplab.files import atomic_folder
+
+                with atomic_folder(self.folder / name) as tmp:
+                    vector.save(tmp)
+            self._vectors[name] = vector
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        with self._lock:
+            self.get(name, param="name")
+            if self.folder is not None:
+                shutil.rmtree(self.folder / name)
+            del self._vectors[name]
+
+
+@dataclass
+class SAEEntry:
+    name: str
+    sae: object
+    site: str
+    index_path: Path | None = None
+
+
+@dataclass
+class SAERegistry:
+    entries: dict[str, SAEEntry] = field(default_factory=dict)
+
+    def get(self, name: str, param: str = "sae") -> SAEEntry:
+        if name not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none (start the server with --sae NAME=FOLDER)"
+            raise APIError(404, f"unknown SAE {name!r}; known SAEs: {known}", param=param, code="sae_not_found")
+        return self.entries[name]
+
+    def check_feature(self, entry: SAEEntry, feature: int, param: str = "feature") -> None:
+        d_sae = entry.sae.cfg.d_sae
+        if not 0 <= feature < d_sae:
+            raise APIError(400, f"feature {feature} is out of range: SAE {entry.name!r} has {d_sae} latents "
+                                f"(valid 0..{d_sae - 1})", param=param, code="feature_out_of_range")
+
+    def describe(self) -> list[dict]:
+        return [{"name": e.name, "site": e.site, "d_sae": e.sae.cfg.d_sae, "family": e.sae.cfg.family,
+                 "has_index": e.index_path is not None} for e in self.entries.values()]
+
+    def index(self, name: str):
+        """A fresh read-only connection to the SAE's feature index (SQLite connections are per thread)."""
+        from interplab.sae.features import FeatureIndex
+
+        entry = self.get(name)
+        if entry.index_path is None:
+            raise APIError(404, f"SAE {name!r} has no feature index; start the server with --features "
+                                f"{name}=INDEX.sqlite", param="sae", code="index_not_found")
+        return FeatureIndex(entry.index_path)
+
+
+def load_saes(model: LoadedModel, specs: dict[str, str], indexes: dict[str, str]) -> SAERegistry:
+    """SAEs from --sae NAME=FOLDER and feature indexes from --features [NAME=]DB, checked against the model."""
+    from interplab.sae.downstream import resolve_sae_site
+    from interplab.sae.formats import load_sae
+
+    registry = SAERegistry()
+    for name, folder in specs.items():
+        check_name(name, "SAE")
+        sae = load_sae(folder).to(model.device)
+        site = resolve_sae_site(model, sae).name
+        registry.entries[name] = SAEEntry(name, sae, site)
+    for name, path in indexes.items():
+        if name not in registry.entries:
+            raise ValueError(f"--features {name}={path}: no SAE named {name!r} (give --sae {name}=FOLDER)")
+        if not Path(path).is_file():
+            raise ValueError(f"--features {name}={path}: no such file")
+        registry.entries[name].index_path = Path(path)
+    return registry

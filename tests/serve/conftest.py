@@ -1,0 +1,91 @@
+"""A real server on a free loopback port, with TinyStories-656K, a vector, an SAE and its index."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+SAE_SITE = "blocks.1.hook_resid_post"
+
+
+class RunningServer:
+    """uvicorn in a thread, bound to port 0 (the OS picks a free port)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start(model, **kwargs) -> tuple[RunningServer, object]:
+    from interplab.serve.app import create_app
+    from interplab.serve.server import build_state
+
+    cors = kwargs.pop("cors", None)
+    state = build_state(model, **kwargs)
+    return RunningServer(create_app(state, cors=cors)), state
+
+
+@pytest.fixture(scope="session")
+def ts_sae(tinystories, tmp_path_factory):
+    """A random-init SAE on TinyStories' last block (saved as a folder) and its feature index."""
+    from interplab.sae.config import SAEConfig
+    from interplab.sae.features import build_feature_index
+    from interplab.sae.formats import save_sae
+    from interplab.sae.model import SAE
+
+    folder = tmp_path_factory.mktemp("sae")
+    sae = SAE(SAEConfig(d_in=128, d_sae=64, family="topk", k=8, site=SAE_SITE),
+              generator=torch.Generator().manual_seed(0))
+    save_sae(sae, folder / "sae")
+    texts = [line for line in open(_sample(), encoding="utf-8").read().split("\n") if line.strip()][:200]
+    index = build_feature_index(tinystories, sae, texts, folder / "features.db", n_contexts=48,
+                                context_length=24, n_top=5, n_bins=8)
+    index.close()
+    return folder / "sae", folder / "features.db"
+
+
+def _sample():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ["INTERPLAB_SHARED"]) / "data" / "tinystories_sample.txt"
+
+
+@pytest.fixture(scope="session")
+def vectors_dir(tinystories, tmp_path_factory):
+    """A registry folder with two vectors of the model's width (random directions, fixed seeds)."""
+    from interplab.steering.vector import SteeringVector
+
+    folder = tmp_path_factory.mktemp("vectors")
+    for name, seed in (("happy", 1), ("sad", 2)):
+        g = torch.Generator().manual_seed(seed)
+        SteeringVector({0: torch.randn(128, generator=g), 1: torch.randn(128, generator=g)},
+                       model_id=tinystories.model_id).save(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(tinystories, ts_sae, vectors_dir):
+    running, state = start(tinystories, vectors=str(vectors_dir), saes={"ts": str(ts_sae[0])},
+                           features={"ts": str(ts_sae[1])}, gather_s=0.05, max_tokens=64)
+    running.state = state
+    yield running
+    running.stop()
