@@ -6,6 +6,7 @@ import pytest
 import torch
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a real model behind a real server
 
 PROMPT = "Once upon a time, there was a little dog named"
 

@@ -1,0 +1,116 @@
+"""The batched loop: greedy rows give the same text alone or batched with differently-steered rows,
+unsteered rows are untouched, rows finish and cancel on their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interplab.interventions import add_vector
+from interplab.serve.batching import Row, Sampling, run_batch
+from interplab.serve.rows import RowTable
+from tests.tiny import tiny_model
+
+LLAMA_PROMPTS = ["the cat sat on the mat", "a dog", "the weather is hot . the cat", "cold"]
+TS_PROMPTS = ["Once upon a time", "The little dog was very", "Lily and Tom went to the park. They", "Sam"]
+
+
+def _rows(model, prompts, steerings, n=12):
+    rows = []
+    for prompt, steering in zip(prompts, steerings):
+        ids = model.tokenizer(prompt)["input_ids"]
+        edits = {}
+        if steering is not None:
+            layer, seed, scale, positions = steering
+            v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(seed))
+            site = model.site(f"blocks.{layer}.hook_resid_post")
+            fn = add_vector(v, scale=scale, positions=positions)
+            fn.validate(site, model)
+            edits = {site: [fn]}
+        rows.append(Row(ids, Sampling(n, temperature=0), edits=edits))
+    return rows
+
+
+STEERINGS = [None, (0, 1, 4.0, "all"), (1, 2, -6.0, "generated"), (0, 3, 8.0, None)]
+
+
+@pytest.mark.parametrize("which", ["llama", pytest.param("tinystories", marks=pytest.mark.slow)])
+def test_greedy_rows_batched_equal_alone(which, request):
+    model = tiny_model("llama") if which == "llama" else request.getfixturevalue("tinystories")
+    prompts = LLAMA_PROMPTS if which == "llama" else TS_PROMPTS
+    alone = []
+    for prompt, steering in zip(prompts, STEERINGS):
+        [row] = _rows(model, [prompt], [steering])
+        run_batch(model, [row])
+        alone.append(row.generated)
+    batched = _rows(model, prompts, STEERINGS)
+    run_batch(model, batched)
+    assert [r.generated for r in batched] == alone
+    # the steering really changed something, and the unsteered row equals an unsteered batch
+    plain = _rows(model, prompts, [None] * 4)
+    run_batch(model, plain)
+    assert plain[0].generated == batched[0].generated
+    assert sum(p.generated != b.generated for p, b in zip(plain[1:], batched[1:])) >= 2
+
+
+@pytest.mark.slow
+def test_unsteered_rows_match_library_generate(tinystories):
+    import interplab
+
+    rows = _rows(tinystories, TS_PROMPTS, STEERINGS, n=20)
+    run_batch(tinystories, rows)
+    expected = interplab.generate(tinystories, TS_PROMPTS[0], max_new_tokens=20, chat=False)[0]
+    assert rows[0].text == expected
+
+
+def test_row_table_leaves_rows_without_edits_bitwise_untouched(llama):
+    site = llama.site("blocks.1.hook_resid_post")
+    v = torch.randn(llama.d_model)
+    fn = add_vector(v, scale=3.0)
+    fn.validate(site, llama)
+    table = RowTable([{}, {site: [fn]}, {}], [4, 4, 4])
+    act = torch.randn(3, 4, llama.d_model)
+
+    class Ctx:
+        model = llama
+
+        def positions(self, a):
+            return torch.arange(4).expand(3, 4)
+
+    out = table.site_fns()[site.name](act, Ctx())
+    assert torch.equal(out[0], act[0]) and torch.equal(out[2], act[2])
+    torch.testing.assert_close(out[1], act[1] + 3.0 * v)
+
+
+@pytest.mark.slow
+def test_rows_finish_on_their_own_and_cancelled_rows_leave(tinystories):
+    rows = _rows(tinystories, TS_PROMPTS[:3], [None] * 3, n=20)
+    rows[0].sampling = Sampling(3, temperature=0)
+    seen = []
+
+    def cancel_after_two(text):
+        seen.append(text)
+        if len(seen) == 2:
+            rows[1].cancelled = True
+
+    rows[1].on_text = cancel_after_two
+    run_batch(tinystories, rows)
+    assert len(rows[0].generated) == 3 and rows[0].finish_reason == "length"
+    assert rows[1].finish_reason == "cancelled" and len(rows[1].generated) <= 4
+    [alone] = _rows(tinystories, TS_PROMPTS[2:3], [None], n=20)
+    run_batch(tinystories, [alone])
+    assert rows[2].generated == alone.generated
+
+
+@pytest.mark.slow
+def test_stop_strings_end_the_row_and_are_never_streamed(tinystories):
+    [probe] = _rows(tinystories, ["Once upon a time"], [None], n=30)
+    run_batch(tinystories, [probe])
+    stop = probe.text.split()[4]
+    [row] = _rows(tinystories, ["Once upon a time"], [None], n=30)
+    row.sampling = Sampling(30, temperature=0, stop=(stop,))
+    pieces = []
+    row.on_text = pieces.append
+    run_batch(tinystories, [row])
+    assert row.text == probe.text[:probe.text.index(stop)]
+    assert "".join(pieces) == row.text and row.finish_reason == "stop"
