@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from interplab.cli import analysis, core, sae, steer, toy
+from interplab.cli import analysis, core, sae, serve, steer, toy
 from interplab.cli.errors import InterplabGroup
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ def _root(version: Annotated[bool, typer.Option(
 core.register(app)
 steer.register(app)
 analysis.register(app)
+serve.register(app)
 app.add_typer(sae.app, name="sae", help="Sparse autoencoders: train, evaluate, read and steer with features.")
 app.add_typer(toy.app, name="toy", help="Toy models: superposition and grokking.")
 
