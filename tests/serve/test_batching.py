@@ -11,6 +11,11 @@ from interplab.serve.batching import Row, Sampling, run_batch
 from interplab.serve.rows import RowTable
 from tests.tiny import tiny_model
 
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
 LLAMA_PROMPTS = ["the cat sat on the mat", "a dog", "the weather is hot . the cat", "cold"]
 TS_PROMPTS = ["Once upon a time", "The little dog was very", "Lily and Tom went to the park. They", "Sam"]
 
@@ -114,3 +119,25 @@ def test_stop_strings_end_the_row_and_are_never_streamed(tinystories):
     run_batch(tinystories, [row])
     assert row.text == probe.text[:probe.text.index(stop)]
     assert "".join(pieces) == row.text and row.finish_reason == "stop"
+
+
+def test_notebook_views_render_html(llama, tmp_path):
+    """The lens result and the feature card render inline in Jupyter (`_repr_html_`)."""
+    from interplab.analysis.lens import logit_lens
+    from interplab.sae.card import feature_card
+    from interplab.sae.config import SAEConfig
+    from interplab.sae.features import build_feature_index
+    from interplab.sae.model import SAE
+
+    lens = logit_lens(llama, "the cat sat on the mat", top_k=2)
+    page = lens._repr_html_()
+    assert page.count("<tr>") == 1 + len(lens.rows)
+    assert f">{lens.top_tokens[0][-1][0][0]}<" in page  # the last block's guess at the first token
+    sae = SAE(SAEConfig(d_in=32, d_sae=16, family="topk", k=4, site="blocks.1.hook_resid_post"),
+              generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(4, 96, (12, 10), generator=torch.Generator().manual_seed(0))
+    with build_feature_index(llama, sae, windows, tmp_path / "f.db", n_top=3, n_bins=4) as index:
+        feature = max(range(16), key=lambda f: index.summary(f).fire_count)
+        card = feature_card(index, feature)
+    assert card._repr_html_().startswith("<iframe srcdoc=")
+    assert f"Feature {feature}" in card.html and "rgba(255, 120, 0" in card.html

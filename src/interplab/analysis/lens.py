@@ -78,6 +78,23 @@ class LensResult:
         n = len(self.tokens[prompt])
         return [[cell[0] for cell in row[:n]] for row in self.top_tokens[prompt]]
 
+    def _repr_html_(self) -> str:
+        """The first prompt's lens as the workbench shows it: each cell the layer's top next-token
+        guess, shaded by its probability."""
+        import html
+
+        n = len(self.tokens[0])
+        head = "".join(f"<th>{html.escape(repr(t))}</th>" for t in self.tokens[0])
+        rows = []
+        for r, name in enumerate(self.rows):
+            cells = "".join(
+                f'<td style="background: rgba(37, 99, 235, {float(self.top_probs[0, r, p, 0]):.3f})" '
+                f'title="{float(self.top_probs[0, r, p, 0]):.3f}">{html.escape(self.top_tokens[0][r][p][0])}</td>'
+                for p in range(n))
+            rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+        return (f'<table class="interplab-lens" style="font-family: monospace; border-collapse: collapse">'
+                f"<tr><th></th>{head}</tr>{''.join(rows)}</table>")
+
 
 def logit_lens(model, prompts: str | Sequence[str], *, answer: str | Sequence[str] | None = None,
                top_k: int = 5, batch_size: int = 8) -> LensResult:

@@ -9,6 +9,7 @@ histogram of non-zero activations. Everything is in one self-contained file.
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 from interplab.files import write_text
@@ -62,6 +63,25 @@ def render_feature_card(index: FeatureIndex, feature: int, *, n_contexts: int = 
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class FeatureCard:
+    """A rendered card; shows inline in Jupyter (the same view as the workbench's feature browser)."""
+
+    feature: int
+    html: str
+
+    def _repr_html_(self) -> str:
+        # an iframe keeps the card's styles from leaking into the notebook
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" '
+                'style="width: 100%; height: 640px; border: 1px solid #ddd"></iframe>')
+
+
+def feature_card(index: FeatureIndex, feature: int, *, n_contexts: int = 20,
+                 window: tuple[int, int] = (32, 8)) -> FeatureCard:
+    """The card of `feature` as an object that renders inline in Jupyter."""
+    return FeatureCard(feature, render_feature_card(index, feature, n_contexts=n_contexts, window=window))
 
 
 def _stats_table(summary, meta: dict) -> str:
