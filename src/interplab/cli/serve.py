@@ -81,4 +81,8 @@ def _run(app, host: str, port: int, key: str | None) -> None:
                            + ("  (Authorization: Bearer KEY required)" if key else ""))
                 typer.echo("Ctrl-C stops the server.")
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
+        pass
+    typer.echo("interplab serve stopped.")
