@@ -79,22 +79,24 @@ def request(url: str, steering, max_tokens: int) -> dict:
 
 
 def one_at_a_time(url, steerings, max_tokens):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = [request(url, s, max_tokens) for s in steerings]
-    return time.perf_counter() - start, results
+    return time.perf_counter() - start, time.process_time() - cpu, results
 
 
 def all_at_once(url, steerings, max_tokens):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(len(steerings)) as pool:
         results = list(pool.map(lambda s: request(url, s, max_tokens), steerings))
-    return time.perf_counter() - start, results
+    return time.perf_counter() - start, time.process_time() - cpu, results
 
 
-def summary(wall: float, results: list[dict]) -> dict:
+def summary(wall: float, cpu: float, results: list[dict]) -> dict:
+    """cpu_s: CPU seconds of this process (server and clients): steadier than wall time when
+    other programs load the machine."""
     latencies = sorted(r["latency"] for r in results)
     ok = [r for r in results if r["status"] == 200]
-    return {"wall_s": wall, "requests": len(results), "ok": len(ok),
+    return {"wall_s": wall, "cpu_s": cpu, "requests": len(results), "ok": len(ok),
             "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
             "tokens": sum(r["tokens"] for r in ok),
             "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
@@ -132,7 +134,7 @@ def main() -> None:
                 rounds["one_at_a_time"].append(summary(*one_at_a_time(url, steered, args.max_tokens)))
                 rounds["batched_steered"].append(summary(*all_at_once(url, steered, args.max_tokens)))
                 rounds["batched_unsteered"].append(summary(*all_at_once(url, plain, args.max_tokens)))
-            wall, results = all_at_once(url, [steered[i % args.clients] for i in range(args.overload)], args.max_tokens)
+            _, _, results = all_at_once(url, [steered[i % args.clients] for i in range(args.overload)], args.max_tokens)
             overload = {"sent": args.overload, "max_queue": args.max_queue,
                         "answered": len(results), "status_200": sum(r["status"] == 200 for r in results),
                         "status_429": sum(r["status"] == 429 for r in results),
@@ -145,6 +147,10 @@ def main() -> None:
                                                            / report["one_at_a_time"]["tok_per_s"])
     report["time_ratio_steered_vs_unsteered_batch"] = (report["batched_steered"]["wall_s"]
                                                        / report["batched_unsteered"]["wall_s"])
+    report["cpu_ratio_steered_vs_unsteered_batch"] = (report["batched_steered"]["cpu_s"]
+                                                      / report["batched_unsteered"]["cpu_s"])
+    report["all_finished_by_length"] = all(r["tokens"] == args.max_tokens * args.clients
+                                           for rs in rounds.values() for r in rs)
     report["overload"] = overload
     report["settings"] = {"model": args.model, "clients": args.clients, "max_tokens": args.max_tokens,
                           "layer": args.layer, "repeats": args.repeats, "torch_threads": torch.get_num_threads()}

@@ -35,7 +35,10 @@ class Ticket:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def push(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
+            pass
 
     def cancel(self) -> None:
         """The client went away: the engine drops the row at its next step."""
