@@ -117,11 +117,14 @@ def test_no_cors_headers_unless_asked(llama, base):
     origin = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     r = httpx.options(base + "/v1/chat/completions", headers=origin, timeout=10)
     assert "access-control-allow-origin" not in r.headers
-    running, _ = start(llama, cors=["http://ok.example"])
+    running, _ = start(llama, cors=["http://ok.example"], api_key=KEY)
     try:
-        r = httpx.options(running.url + "/v1/chat/completions", timeout=10,
-                          headers={**origin, "Origin": "http://ok.example"})
+        allowed = {**origin, "Origin": "http://ok.example", "Access-Control-Request-Headers": "authorization"}
+        r = httpx.options(running.url + "/v1/chat/completions", timeout=10, headers=allowed)
+        assert r.status_code == 200  # the preflight carries no key, and needs none
         assert r.headers.get("access-control-allow-origin") == "http://ok.example"
+        r = post(running.url, "/v1/chat/completions", chat_body(), headers={"Origin": "http://ok.example"})
+        assert r.status_code == 401
     finally:
         running.stop()
 

@@ -46,3 +46,33 @@ def test_lens_matches_logit_lens_and_attention_rows_sum_to_one(server, tinystori
     torch.testing.assert_close(pattern.sum(-1), torch.ones(len(r["tokens"])), atol=1e-4, rtol=0)
     assert torch.equal(pattern.triu(1), torch.zeros_like(pattern))  # causal
     assert tinystories.hf.config._attn_implementation == "sdpa"  # switched back after the capture
+
+
+def test_ab_numbers_match_the_library(smollm, tmp_path):
+    from interplab.steering import evaluate
+    from interplab.steering.datasets import read_caa
+    from interplab.steering.vector import SteeringVector
+    from tests.serve.conftest import start
+
+    vector = SteeringVector({10: 3 * torch.randn(smollm.d_model, generator=torch.Generator().manual_seed(0))})
+    vector.save(tmp_path / "vectors" / "r")
+    running, state = start(smollm, vectors=str(tmp_path / "vectors"))
+    try:
+        dataset = sorted(state.datasets)[0]
+        body = {"dataset": dataset, "steering": [{"vector": "r", "scale": 4.0}], "n_pairs": 4}
+        r = httpx.post(running.url + "/api/ab", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        bad = httpx.post(running.url + "/api/ab", json={**body, "dataset": "nope"}, timeout=30)
+        assert bad.status_code == 404 and dataset in bad.json()["error"]["message"]
+    finally:
+        running.stop()
+    prompts = evaluate.ab_prompts(smollm, read_caa(state.datasets[dataset])[:4])
+    base = evaluate.ab_scores(smollm, prompts)
+    steered = evaluate.ab_scores(smollm, prompts, steer=(vector, 10, 4.0, "all"))
+    assert got["baseline"]["p_match"] == pytest.approx(base[0], abs=1e-5)
+    assert got["steered"]["p_match"] == pytest.approx(steered[0], abs=1e-5)
+    assert got["steered"]["p_match"] != pytest.approx(base[0], abs=1e-3)
+    damage = evaluate.damage(smollm, vector, layers=[10], multipliers=[4.0])[0]
+    assert got["damage"] == pytest.approx(damage.delta_ce, abs=1e-4)
+    assert got["kl"] == pytest.approx(damage.kl, abs=1e-4)

@@ -51,7 +51,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if self.api_key is not None and path.startswith(PROTECTED) and not self._authorized(scope):
+        # CORS preflights carry no credentials by design; they reach no route's data
+        preflight = scope.get("method") == "OPTIONS"
+        if self.api_key is not None and path.startswith(PROTECTED) and not preflight and not self._authorized(scope):
             return await _answer(send, 401, "missing or wrong API key: send the header "
                                             "'Authorization: Bearer KEY'", "authentication_error", "invalid_api_key")
         length = _header(scope, b"content-length")
