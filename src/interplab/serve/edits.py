@@ -38,8 +38,8 @@ def build_edits(model: LoadedModel, edits: Sequence[Edit], vectors: VectorRegist
                 pairs = [_feature_edit(model, edit, saes, param)]
             for site_name, intervention in pairs:
                 site = model.site(site_name)
-                intervention.validate(site, model)
-                by_site.setdefault(site, []).append(intervention)
+                checked = intervention.validate(site, model)  # a frozen intervention returns its checked copy
+                by_site.setdefault(site, []).append(intervention if checked is None else checked)
         except APIError:
             raise
         except (ValueError, TypeError) as error:  # the library's own checks, with its message

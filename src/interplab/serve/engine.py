@@ -3,8 +3,8 @@ as one batch.
 
 `submit()` is called from the web server's event loop. It refuses at once (`QueueFull`) when
 `max_queue` requests are already waiting or running, so the queue never grows without limit.
-The engine thread waits for a request, then gathers others for `gather_s` seconds (or until
-`max_batch` are waiting), and runs them with `batching.run_batch`. Text and the end of each
+The engine thread waits for a request, then gathers others until none arrived for `gather_s`
+seconds (at most `max_gather_s` in all, or until `max_batch` are waiting), and runs them with `batching.run_batch`. Text and the end of each
 row travel back to the event loop with `call_soon_threadsafe`. Other work that needs the model
 (the lens view, A/B scores) takes `model_lock`, so it never runs during a batch.
 """
@@ -47,11 +47,12 @@ class Ticket:
 
 class Engine:
     def __init__(self, model: LoadedModel, *, max_batch: int = 16, max_queue: int = 64,
-                 gather_s: float = 0.02) -> None:
+                 gather_s: float = 0.02, max_gather_s: float = 0.25) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model = model
-        self.max_batch, self.max_queue, self.gather_s = max_batch, max_queue, gather_s
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.gather_s, self.max_gather_s = gather_s, max(gather_s, max_gather_s)
         self.model_lock = threading.Lock()
         self.batches_run = 0
         self.largest_batch = 0
@@ -115,12 +116,18 @@ class Engine:
             if self._stopped:
                 self._drain()
                 return None
-            deadline = time.monotonic() + self.gather_s
+            # gather: wait until no request arrived for gather_s (clients of one burst rarely arrive
+            # in the same millisecond), at most max_gather_s, or until the batch is full
+            start = last = time.monotonic()
+            seen = len(self._pending)
             while len(self._pending) < self.max_batch and not self._stopped:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = min(last + self.gather_s, start + self.max_gather_s) - now
                 if left <= 0:
                     break
                 self._cv.wait(left)
+                if len(self._pending) > seen:
+                    seen, last = len(self._pending), time.monotonic()
             n = min(self.max_batch, len(self._pending))
             return [self._pending.popleft() for _ in range(n)]
 
