@@ -22,6 +22,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_public_bind_without_key_is_refused_before_loading():
     result = subprocess.run([sys.executable, "-m", "interplab.cli", "serve", "no-such-model", "--host", "0.0.0.0"],
                             capture_output=True, text=True, env=_env(), timeout=120)

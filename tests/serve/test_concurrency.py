@@ -11,6 +11,7 @@ import pytest
 import torch
 
 httpx = pytest.importorskip("httpx")
+pytestmark = pytest.mark.slow  # gather windows and deliberately slowed generation: seconds of waiting
 
 from tests.serve.conftest import start  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402

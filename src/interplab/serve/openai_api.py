@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from interplab.serve.batching import Row, Sampling
 from interplab.serve.edits import build_edits
 from interplab.serve.engine import QueueFull
-from interplab.serve.schemas import APIError, ChatRequest, CompletionRequest, _Generation
+from interplab.serve.schemas import APIError, ChatRequest, CompletionRequest, GenerationRequest
 from interplab.serve.state import ServerState
 
 
@@ -41,7 +41,7 @@ def router(state: ServerState) -> APIRouter:
     return api
 
 
-async def _complete(state: ServerState, body: _Generation, prompts: list[list[int]], max_tokens: int | None,
+async def _complete(state: ServerState, body: GenerationRequest, prompts: list[list[int]], max_tokens: int | None,
                     request: Request, *, chat: bool):
     if body.n != 1:
         raise APIError(400, f"n={body.n} is not supported; send n=1 (or several requests)", param="n")

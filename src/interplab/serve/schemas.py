@@ -63,7 +63,7 @@ class FeatureEdit(_Edit):
 Edit = Union[VectorEdit, FeatureEdit]
 
 
-class _Generation(_Body):
+class GenerationRequest(_Body):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -91,12 +91,12 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
-class ChatRequest(_Generation):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(GenerationRequest):
     prompt: Union[str, list[str]]
     echo: bool = False
 
