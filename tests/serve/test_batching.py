@@ -36,7 +36,7 @@ def _rows(model, prompts, steerings, n=12):
     return rows
 
 
-STEERINGS = [None, (0, 1, 4.0, "all"), (1, 2, -6.0, "generated"), (0, 3, 8.0, None)]
+STEERINGS = [None, (0, 1, 4.0, "all"), (1, 2, -6.0, "generated"), (0, 3, 8.0, "prompt")]
 
 
 @pytest.mark.parametrize("which", ["llama", pytest.param("tinystories", marks=pytest.mark.slow)])
