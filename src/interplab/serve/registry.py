@@ -79,10 +79,7 @@ class VectorRegistry:
                 raise APIError(409, f"a vector named {name!r} exists; delete it first or pass overwrite",
                                param="name", code="vector_exists")
             if self.folder is not None:
-                from interplab.files import atomic_folder
-
-                with atomic_folder(self.folder / name) as tmp:
-                    vector.save(tmp)
+                vector.save(self.folder / name)  # swapped in whole
             self._vectors[name] = vector
 
     def delete(self, name: str) -> None:
@@ -130,7 +127,7 @@ class SAERegistry:
         if entry.index_path is None:
             raise APIError(404, f"SAE {name!r} has no feature index; start the server with --features "
                                 f"{name}=INDEX.sqlite", param="sae", code="index_not_found")
-        return FeatureIndex(entry.index_path)
+        return FeatureIndex(entry.index_path, sae=entry.sae)
 
 
 def load_saes(model: LoadedModel, specs: dict[str, str], indexes: dict[str, str]) -> SAERegistry:
@@ -149,5 +146,8 @@ def load_saes(model: LoadedModel, specs: dict[str, str], indexes: dict[str, str]
             raise ValueError(f"--features {name}={path}: no SAE named {name!r} (give --sae {name}=FOLDER)")
         if not Path(path).is_file():
             raise ValueError(f"--features {name}={path}: no such file")
+        from interplab.sae.features import FeatureIndex
+
+        FeatureIndex(path, sae=registry.entries[name].sae).close()  # refuses an index built from another SAE
         registry.entries[name].index_path = Path(path)
     return registry
