@@ -29,7 +29,7 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Largest request body (uploads included), in MB.")] = 8.0,
 ) -> None:
     """Serve MODEL: an OpenAI-compatible API with per-request steering, and the web workbench."""
-    from interplab.cli.core import _load
+    from interplab.cli.core import load_model
     from interplab.errors import UserInputError
     from interplab.serve.security import check_bind
     from interplab.serve.server import api_key_from_env, split_pairs
@@ -43,7 +43,7 @@ def serve(
     except UserInputError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    handle = _load(model)
+    handle = load_model(model)
     try:
         state, app = _build(handle, vectors, sae_specs, index_specs, key, cors, max_batch, max_queue, max_tokens,
                             max_prompt_tokens, int(max_body_mb * 1024 * 1024))
