@@ -151,11 +151,10 @@ def test_handle_form(llama):
 @pytest.mark.parametrize("mapping, match", [
     ({"blocks.9.hook_resid_post": add_vector(torch.ones(32))}, r"layer 9 is out of range.*3 blocks"),
     ({SITE: add_vector(torch.ones(4096))}, r"shape \(4096,\).*\(32,\)"),
-    ({SITE: add_vector(torch.tensor([float("nan")] * 32))}, "NaN or inf"),
-    ({SITE: add_vector(torch.ones(32), scale=float("inf"))}, "finite number"),
     ({"blocks.0.hook_resid_psot": add_vector(torch.ones(32))}, "Did you mean"),
     ({"blocks.0.attn.hook_z": zero_ablate(index=7)}, r"index 7 is out of range.*4 heads"),
     ({"blocks.0.attn.hook_pattern": zero_ablate()}, "read but not changed"),
+    ({"blocks.0.attn.hook_pattern": lambda act: act}, "read but not changed"),
     ({}, "non-empty"),
 ])
 def test_bad_input_registers_nothing(llama, mapping, match):
@@ -163,6 +162,75 @@ def test_bad_input_registers_nothing(llama, mapping, match):
     with pytest.raises(ValueError, match=match):
         intervene(llama, mapping)
     assert hook_count(llama) == before
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: add_vector(torch.tensor([float("nan")] * 32)), "NaN or inf"),
+    (lambda: add_vector(torch.ones(32), scale=float("inf")), "finite real number"),
+    (lambda: add_vector(torch.ones(32), scale=True), "finite real number"),
+    (lambda: add_vector(torch.ones(32, dtype=torch.complex64)), "complex-valued"),
+    (lambda: project_out(torch.ones(32, dtype=torch.complex64)), "complex-valued"),
+    (lambda: clamp_direction(torch.ones(32), float("nan")), "finite real number"),
+    (lambda: zero_ablate(positions="bogus"), r"'bogus'.*'all', 'prompt', 'generated'"),
+    (lambda: zero_ablate(index="0"), "index must be an int"),
+    (lambda: zero_ablate(index=[True]), "index must hold ints"),
+    (lambda: mean_ablate(torch.ones(2, 3, 32), positions=[1.5]), "not understood"),
+    (lambda: resample_ablate("cache"), "ActivationCache or a tensor"),
+    (lambda: patch(torch.ones(32)), r"\(batch, seq, \.\.\.\)"),
+    (lambda: patch(torch.ones(1, 4, 32), positions=slice(0, 4, 2)), "step"),
+    (lambda: interplab.Positions("bogus"), r"unknown positions mode 'bogus'.*all, prompt, generated, range, at"),
+])
+def test_bad_values_fail_when_built(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_interventions_are_immutable_values_that_bind_without_changing(llama):
+    v = [0.5] * 32
+    spec = add_vector(v, scale=2.0, positions=-1)
+    with pytest.raises(AttributeError):
+        spec.scale = 3.0
+    site = llama.site(SITE)
+    before = repr(spec)
+    spec.bind(site, llama)
+    assert repr(spec) == before and spec.positions == interplab.Positions.at(-1)
+    # one value attached twice behaves the same both times
+    ids = random_ids()
+    with intervene(llama, {SITE: spec}):
+        first = logits(llama, ids)
+    with intervene(llama, {SITE: spec}):
+        torch.testing.assert_close(logits(llama, ids), first, rtol=0, atol=0)
+
+
+def test_resample_draws_restart_per_attach(llama):
+    ref = interplab.capture(llama, SITE, random_ids(4, 7, seed=3))
+    spec, ids = resample_ablate(ref, seed=5), random_ids(3, 7)
+    runs = []
+    for _ in range(2):
+        with intervene(llama, {SITE: spec}):
+            runs.append(interplab.capture(llama, SITE, ids)[SITE])
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_default_parameters_do_not_receive_the_context(llama):
+    seen = []
+
+    def scaled(act, scale=2.0):
+        seen.append(scale)
+        return act * scale
+
+    ids = random_ids()
+    with intervene(llama, {SITE: scaled}):
+        logits(llama, ids)
+    assert seen == [2.0]
+
+    def with_ctx(act, ctx):
+        seen.append(ctx.site.name)
+        return act
+
+    with intervene(llama, {SITE: with_ctx}):
+        logits(llama, ids)
+    assert seen[-1] == SITE
 
 
 def test_site_the_architecture_lacks():

@@ -12,7 +12,7 @@ mean the same thing with and without the KV cache.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -263,32 +263,20 @@ def _per_head(apply, n_heads: int):
 
 
 def _with_context(fn: Callable) -> SiteFn:
-    """Let users write `fn(act)` or `fn(act, ctx)`."""
-    if _n_positional(fn) >= 2:
+    """Let users write `fn(act)` or `fn(act, ctx)`: the context is passed only to a function
+    with at least two required positional parameters (or *args), so `def f(act, scale=2.0)`
+    keeps its default."""
+    if _n_required_positional(fn) >= 2:
         return fn
     return lambda act, ctx: fn(act)
 
 
-def _n_positional(fn: Callable) -> int:
+def _n_required_positional(fn: Callable) -> int:
     try:
         params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # some builtins have no signature: assume (act, ctx)
         return 2
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return 2
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-
-
-def forward_stopping(session_fn: Callable[[], object]) -> None:
-    """Run `session_fn`, treating StopForward as a normal end of the forward pass."""
-    try:
-        session_fn()
-    except StopForward:
-        pass
-
-
-def group_by_site(pairs: Sequence[tuple[Site, SiteFn]]) -> dict[Site, list[SiteFn]]:
-    grouped: dict[Site, list[SiteFn]] = {}
-    for site, fn in pairs:
-        grouped.setdefault(site, []).append(fn)
-    return grouped
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               for p in params)

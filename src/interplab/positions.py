@@ -15,6 +15,13 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from interplab.errors import UserInputError
+
+MODES = ("all", "prompt", "generated", "range", "at")
+"""The kinds of selection a `Positions` value can be."""
+NAMED = ("all", "prompt", "generated")
+"""The modes a string shorthand may name."""
+
 
 @dataclass(frozen=True)
 class Positions:
@@ -26,6 +33,23 @@ class Positions:
     start: int | None = None
     stop: int | None = None
     indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserInputError(f"unknown positions mode {self.mode!r}; valid modes are "
+                                 f"{', '.join(MODES)}")
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise UserInputError(f"Positions {name} must be an int or None, got {value!r}")
+        if not isinstance(self.indices, tuple) or not all(_is_int(i) for i in self.indices):
+            raise UserInputError(f"Positions indices must be a tuple of ints, got {self.indices!r}")
+        if self.mode == "at" and not self.indices:
+            raise UserInputError("Positions.at() needs at least one position")
+        if self.mode != "range" and (self.start is not None or self.stop is not None):
+            raise UserInputError(f"start/stop only apply to mode 'range', not {self.mode!r}")
+        if self.mode != "at" and self.indices:
+            raise UserInputError(f"indices only apply to mode 'at', not {self.mode!r}")
 
     @classmethod
     def all(cls) -> "Positions":
@@ -58,6 +82,9 @@ class Positions:
 
     @classmethod
     def at(cls, *indices: int) -> "Positions":
+        for i in indices:
+            if not _is_int(i):
+                raise UserInputError(f"positions must be ints, got {i!r}")
         return cls("at", indices=tuple(int(i) for i in indices))
 
     def mask(self, positions: Int[Tensor, "batch seq"], prompt_len: Int[Tensor, "batch"]
@@ -84,6 +111,10 @@ class Positions:
         return selected & real
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _absolute(index: int, prompt_len: Tensor) -> Tensor | int:
     return index if index >= 0 else prompt_len + index
 
@@ -94,19 +125,23 @@ def as_positions(spec) -> Positions:
         return Positions.all()
     if isinstance(spec, Positions):
         return spec
-    if isinstance(spec, str) and spec in ("all", "prompt", "generated"):
+    if isinstance(spec, str):
+        if spec not in NAMED:
+            raise UserInputError(f"positions={spec!r} is not a known selection; named selections "
+                                 f"are {', '.join(repr(m) for m in NAMED)} (or give an int, a slice, "
+                                 "a list of ints, or a Positions value)")
         return Positions(spec)
     if isinstance(spec, bool):
-        raise TypeError("positions cannot be a bool")
+        raise UserInputError("positions cannot be a bool")
     if isinstance(spec, int):
         return Positions.at(spec)
     if isinstance(spec, slice):
         if spec.step not in (None, 1):
-            raise ValueError("position slices cannot have a step")
+            raise UserInputError("position slices cannot have a step")
         return Positions.span(spec.start, spec.stop)
-    if isinstance(spec, (list, tuple)) and all(isinstance(i, int) for i in spec):
+    if isinstance(spec, (list, tuple)) and spec and all(_is_int(i) for i in spec):
         return Positions.at(*spec)
-    raise ValueError(
+    raise UserInputError(
         f"positions={spec!r} is not understood: use None/'all', 'prompt', 'generated', an int, "
         "a slice, a list of ints, or a Positions value (Positions.from_(k), Positions.first(n))"
     )

@@ -66,11 +66,11 @@ def site_acts(model, ids, fns=None):
 def test_steer_adds_alpha_times_the_decoder_direction(llama, ids):
     sae = topk_sae()
     clean = site_acts(llama, ids)
-    steered = site_acts(llama, ids, steer_feature(sae, 5, alpha=4.0))
+    steered = site_acts(llama, ids, steer_feature(sae, 5, scale=4.0))
     expected = clean + 4.0 * sae.W_dec[5].detach() / 3.0
     torch.testing.assert_close(steered, expected)
     torch.testing.assert_close(decoder_direction(sae, 5), sae.W_dec[5].detach() / 3.0)
-    last_only = site_acts(llama, ids, steer_feature(sae, 5, alpha=4.0, positions=-1))
+    last_only = site_acts(llama, ids, steer_feature(sae, 5, scale=4.0, positions=-1))
     torch.testing.assert_close(last_only[:, :-1], clean[:, :-1])
     torch.testing.assert_close(last_only[:, -1], expected[:, -1])
 
@@ -124,14 +124,14 @@ def test_splice_with_error_term_reproduces_clean_logits(llama, ids):
 def test_interventions_check_the_sae_against_the_site(llama):
     wide = SAE(SAEConfig(d_in=48, d_sae=64, family="topk", k=4, site=SITE))
     with pytest.raises(ValueError, match=r"d_in=48.*width 32"):
-        intervene(llama, {SITE: steer_feature(wide, 0, alpha=1.0)})
+        intervene(llama, {SITE: steer_feature(wide, 0, scale=1.0)})
     assert hook_count(llama) == hook_count(tiny_model("llama"))  # nothing left behind
     with pytest.raises(ValueError, match="out of range"):
         intervene(llama, {SITE: clamp_feature(topk_sae(), 64, 1.0)})
     with pytest.raises(ValueError, match="finite"):
-        intervene(llama, {SITE: steer_feature(topk_sae(), 1, alpha=float("nan"))})
+        intervene(llama, {SITE: steer_feature(topk_sae(), 1, scale=float("nan"))})
     with pytest.raises(ValueError, match=r"d_in=48.*width 32"):
-        FeatureLogitBias(llama, wide, 0, alpha=1.0)
+        FeatureLogitBias(llama, wide, 0, scale=1.0)
 
 
 def test_vocab_bias_is_the_folded_unembedding_of_the_decoder_row(llama):
@@ -155,7 +155,7 @@ def test_logit_bias_changes_the_distribution_only_through_the_bias(llama, use_ca
     threshold = float(values[1] + values[0]) / 2  # active on some rows, not on others
     active = last[:, feature] > threshold
     assert 0 < int(active.sum()) < 3
-    bias = FeatureLogitBias(llama, sae, feature, alpha=5.0, only_when_active=True, threshold=threshold)
+    bias = FeatureLogitBias(llama, sae, feature, scale=5.0, only_when_active=True, threshold=threshold)
     with bias:
         watched = interplab.capture(llama, [SITE, "ln_final.hook_normalized"], prompts, logits=True)
         out = llama.hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3,
@@ -176,12 +176,12 @@ def test_logit_bias_changes_the_distribution_only_through_the_bias(llama, use_ca
 
 def test_logit_bias_always_on_and_with_generate(llama):
     sae = topk_sae()
-    bias = FeatureLogitBias(llama, sae, 2, alpha=50.0)
+    bias = FeatureLogitBias(llama, sae, 2, scale=50.0)
     target = int(vocab_bias(llama, sae, 2).argmax())
     text = interplab.generate(llama, ["the cat sat"], max_new_tokens=4, chat=False,
                               logits_processor=LogitsProcessorList([bias]))[0]
     assert text.split() == [llama.tokenizer.decode([target]).strip()] * 4
-    watching = FeatureLogitBias(llama, sae, 2, alpha=1.0, only_when_active=True)
+    watching = FeatureLogitBias(llama, sae, 2, scale=1.0, only_when_active=True)
     with pytest.raises(RuntimeError, match="with bias"):
         watching(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 96))
 
@@ -189,7 +189,7 @@ def test_logit_bias_always_on_and_with_generate(llama):
 def test_compare_steering_reports_every_method(llama, ids):
     sae = topk_sae()
     prompts = ["the cat sat on", "a dog is", "the weather is"]
-    comparison = compare_steering(llama, sae, 2, prompts, ids, multipliers=(1.0, 4.0), bias_strengths=(1.0, 4.0, 16.0))
+    comparison = compare_steering(llama, sae, 2, prompts, ids, scales=(1.0, 4.0), bias_scales=(1.0, 4.0, 16.0))
     methods = [r.method for r in comparison.results]
     assert methods == ["steer"] * 2 + ["clamp"] * 2 + ["logit_bias"] * 3 + ["logit_bias_active"] * 3
     bias_gains = [r.target_gain for r in comparison.results if r.method == "logit_bias"]

@@ -16,7 +16,7 @@ parts; `ablation_sweep(...)` ablates every head and every MLP one at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,9 +27,11 @@ from interplab.analysis.report import Grid
 from interplab.analysis.tasks import EncodedTask, Task
 from interplab.cache import ActivationCache, capture
 from interplab.devices import Copies
-from interplab.interventions import (Intervention, InterventionHandle, check_vector, intervene,
-                                     mean_ablate, resample_ablate, zero_ablate)
+from interplab.errors import UserInputError
+from interplab.interventions import (Intervention, InterventionHandle, as_vector, check_vector, intervene,
+                                     mean_ablate, project_out, resample_ablate, zero_ablate)
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.positions import Positions
 from interplab.sites import Site
 
 METHODS = ("zero", "mean", "resample")
@@ -98,7 +100,8 @@ def _group(model: LoadedModel, parts: list) -> dict[Site, list]:
 
 
 def _interventions(site: Site, items: list, method: str, cache, per_position: bool, positions, seed: int) -> list:
-    out = [DirectionAblate(d.vector, method, cache, per_position, positions, seed)
+    out = [project_out(d.vector, positions=positions) if method == "zero"
+           else DirectionAblate(d.vector, method, cache, per_position, positions, seed)
            for d in items if isinstance(d, Direction)]
     comps = [c for c in items if isinstance(c, Component)]
     if comps:
@@ -125,55 +128,67 @@ def reference_cache(model: LoadedModel, reference, sites: Sequence[Site]) -> Act
     return capture(model, [s.name for s in sites], reference, padding_side="right", device="cpu")
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class DirectionAblate(Intervention):
-    """x <- x + (t - x.u) u with u = d/|d|: only the component along u changes, to t = 0 (zero),
-    the reference mean of x.u (mean; per position with `per_position`) or x.u of a random
-    reference row at the same position (resample)."""
+    """x <- x + (t - x.u) u with u = d/|d|: only the component along u changes, to the reference
+    mean of x.u (mean; per position with `per_position`) or x.u of a random reference row at the
+    same position (resample). Zero direction-ablation is `project_out`."""
 
     direction: Tensor
-    method: str = "zero"
-    reference: ActivationCache | None = None
+    method: str
+    reference: ActivationCache
     per_position: bool = False
-    positions: object = None
+    positions: Positions = None
     seed: int = 0
-    _targets: dict = field(default_factory=dict, repr=False)
-    _copies: Copies = field(default_factory=Copies, repr=False)
 
-    def validate(self, site: Site, model: LoadedModel) -> None:
-        super().validate(site, model)
-        self.direction = check_vector(self.direction, site, model, "direction")
-        if float(self.direction.norm()) == 0:
-            raise ValueError(f"the direction for {site.name} is the zero vector; it points nowhere")
-        self._unit = self.direction / self.direction.norm()
-        if self.method != "zero":
-            source = self.reference.by_position(site.name)  # (rows, seq, d)
-            self._proj = source.float() @ self._unit.float()  # (rows, seq)
-            self._mask = self.reference.position_mask
-            self._generator = torch.Generator().manual_seed(self.seed)
+    def _check(self):
+        if self.method not in ("mean", "resample"):
+            raise UserInputError(f"direction ablation method must be 'mean' or 'resample' here "
+                                 f"(zero is project_out), got {self.method!r}")
+        object.__setattr__(self, "direction", as_vector(self.direction, "direction"))
+
+    def _bind(self, site: Site, model: LoadedModel):
+        direction = check_vector(self.direction, site, model, "direction")
+        if float(direction.norm()) == 0:
+            raise UserInputError(f"the direction for {site.name} is the zero vector; it points nowhere")
+        unit = direction / direction.norm()
+        proj = self.reference.by_position(site.name).float() @ unit.float()  # (rows, seq, d) -> (rows, seq)
+        targets = _DirectionTargets(proj, self.reference.position_mask, self.method, self.per_position,
+                                    torch.Generator().manual_seed(self.seed))
+        positions, copies = self.positions, Copies()
+
+        def ablate_direction(act: Tensor, ctx) -> Tensor:
+            u = copies.like(unit, act)
+            target = targets(act, ctx).to(device=act.device, dtype=act.dtype)
+            new = act + (target - act @ u)[..., None] * u
+            return torch.where(ctx.mask(act, positions)[..., None], new, act)
+
+        return ablate_direction
+
+
+@dataclass
+class _DirectionTargets:
+    """The value x.u is set to, per (row, position) of a run."""
+
+    proj: Tensor  # (rows, seq): reference x.u by absolute position
+    mask: Tensor  # (rows, seq): real reference tokens
+    method: str
+    per_position: bool
+    generator: torch.Generator
 
     def __call__(self, act: Tensor, ctx) -> Tensor:
-        unit = self._copies.like(self._unit, act)
-        proj = act @ unit  # (batch, seq)
-        target = self._target(act, ctx).to(device=act.device, dtype=act.dtype)
-        new = act + (target - proj)[..., None] * unit
-        return torch.where(ctx.mask(act, self.positions)[..., None], new, act)
-
-    def _target(self, act: Tensor, ctx) -> Tensor:
-        if self.method == "zero":
-            return torch.zeros(act.shape[:2])
         positions = ctx.positions(act).cpu()
-        if positions.max() >= self._proj.shape[1]:
-            raise ValueError(f"the reference covers {self._proj.shape[1]} positions but the run reached "
-                             f"position {int(positions.max())}; use longer reference inputs")
-        weights = self._mask.float()
+        if positions.max() >= self.proj.shape[1]:
+            raise UserInputError(f"the reference covers {self.proj.shape[1]} positions but the run reached "
+                                 f"position {int(positions.max())}; use longer reference inputs")
+        weights = self.mask.float()
         if self.method == "mean" and not self.per_position:
-            return ((self._proj * weights).sum() / weights.sum()).expand(act.shape[:2])
+            return ((self.proj * weights).sum() / weights.sum()).expand(act.shape[:2])
         if self.method == "mean":
-            means = (self._proj * weights).sum(0) / weights.sum(0).clamp_min(1)  # (seq,)
+            means = (self.proj * weights).sum(0) / weights.sum(0).clamp_min(1)  # (seq,)
             return means[positions.clamp(min=0)]
-        rows = torch.randint(self._proj.shape[0], (act.shape[0],), generator=self._generator)
-        return self._proj[rows[:, None], positions.clamp(min=0)]
+        rows = torch.randint(self.proj.shape[0], (act.shape[0],), generator=self.generator)
+        return self.proj[rows[:, None], positions.clamp(min=0)]
 
 
 # --- sweep ------------------------------------------------------------------------------------

@@ -357,11 +357,11 @@ def steer(
     resolved = resolve_sae_site(handle, sae, site)
     clean = generate(handle, prompt, **kwargs)
     if method == "bias":
-        bias = FeatureLogitBias(handle, sae, feature, alpha=scale, only_when_active=only_when_active, site=site)
+        bias = FeatureLogitBias(handle, sae, feature, scale=scale, only_when_active=only_when_active, site=site)
         with bias:
             steered = generate(handle, prompt, logits_processor=LogitsProcessorList([bias]), **kwargs)
     else:
-        edits = {"steer": lambda: steer_feature(sae, feature, alpha=scale),
+        edits = {"steer": lambda: steer_feature(sae, feature, scale=scale),
                  "clamp": lambda: clamp_feature(sae, feature, scale),
                  "ablate": lambda: ablate_feature(sae, feature)}
         with intervene(handle, {resolved.name: edits[method]()}):
@@ -416,7 +416,7 @@ def compare_steering(
     table.add_row("clean", "", f"{result.clean_target_prob:.4f}", "", f"{result.clean_neutral_ce:.4f}", "", "")
     for r in result.results:
         ratio = f"{r.target_gain / r.damage:.3f}" if r.damage > 1e-6 else "-"
-        table.add_row(r.method, f"{r.strength:.3g}", f"{r.target_prob:.4f}", f"{r.target_gain:+.4f}",
+        table.add_row(r.method, f"{r.scale:.3g}", f"{r.target_prob:.4f}", f"{r.target_gain:+.4f}",
                       f"{r.neutral_ce:.4f}", f"{r.damage:+.4f}", ratio)
     console = _console()
     console.print(table)

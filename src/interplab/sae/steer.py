@@ -3,9 +3,9 @@
 Interventions (subclasses of `interplab.interventions.Intervention`, so they compose with
 `intervene` and with each other, and take interplab's absolute `positions`):
 
-- `steer_feature`:  x ← x + α·d_i, with d_i = W_dec[i] / s the change one unit of latent i makes
+- `steer_feature`:  x ← x + scale·d_i, with d_i = W_dec[i] / s the change one unit of latent i makes
   to the SAE's reconstruction in the model's own units (s is the SAE's input scale);
-  α is therefore in units of the latent's activation (Templeton et al. 2024, "Scaling
+  scale is therefore in units of the latent's activation (Templeton et al. 2024, "Scaling
   Monosemanticity", steer by clamping or adding multiples of a feature's maximum activation).
 - `clamp_feature`:  f = enc(x); f' = f with f_i ← v; x ← dec(f') + (x − dec(f)), i.e. the SAE's
   reconstruction error is added back so that only latent i changes: x ← x + (v − f_i)·d_i
@@ -13,10 +13,10 @@ Interventions (subclasses of `interplab.interventions.Intervention`, so they com
 - `ablate_feature`: the clamp with v = 0.
 - `splice_sae`:     x ← dec(enc(x)), or with the error term dec(enc(x)) + (x − dec(enc(x))) = x.
 
-`FeatureLogitBias` is a transformers LogitsProcessor for `generate()`: it adds α·b_i to the
+`FeatureLogitBias` is a transformers LogitsProcessor for `generate()`: it adds scale·b_i to the
 next-token logits, where b_i is latent i's vocabulary effect W_U(γ ⊙ r_i) (see
 `interplab.sae.features`) centred over the vocabulary and scaled so its largest entry is 1
-(α is then the boost, in nats, of the token the latent promotes most). It leaves the forward
+(scale is then the boost, in nats, of the token the latent promotes most). It leaves the forward
 pass untouched; with `only_when_active` it reads (never writes) the site to apply the bias only
 on rows whose current token activates the latent.
 
@@ -28,7 +28,7 @@ cross-entropy on neutral text.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,16 +37,18 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from interplab.devices import Copies
 from interplab.hooks import HookSession
-from interplab.interventions import Intervention, intervene
+from interplab.devices import Copies
+from interplab.errors import UserInputError
+from interplab.interventions import Intervention, check_number, intervene
 from interplab.models.handle import LoadedModel, as_loaded
-from interplab.positions import as_positions
+from interplab.positions import Positions
 from interplab.sae.downstream import flat_site, forward_loss, resolve_sae_site
 from interplab.sae.features import _check_feature, feature_vocab_effect
 from interplab.sae.model import SAE
 from interplab.sae.store import Harvester, special_token_ids
 from interplab.sites import Site
+from interplab.types import PositionsLike
 
 METHODS = ("steer", "clamp", "logit_bias", "logit_bias_active")
 """Methods `compare_steering` evaluates."""
@@ -64,7 +66,7 @@ def decoder_direction(sae: SAE, feature: int) -> Float[Tensor, " d_in"]:
 
 
 class _SAEIntervention(Intervention):
-    """Checks the SAE against the site before any hook exists; applies `_edit` at the selected positions.
+    """Checks the SAE against the site when bound; applies `_edit` at the selected positions.
 
     The SAE works on the activation's device (a copy is made once per device, for models spread
     over devices) and in its own dtype: a float32 SAE reads bf16/fp16 activations upcast to float32
@@ -72,46 +74,42 @@ class _SAEIntervention(Intervention):
 
     sae: SAE
 
-    def validate(self, site: Site, model: LoadedModel) -> None:
-        super().validate(site, model)
+    def _bind(self, site: Site, model: LoadedModel):
         resolve_sae_site(model, self.sae, site.name)
-        self.positions = as_positions(self.positions)
+        positions, copies = self.positions, Copies()
 
-    def __call__(self, act: Tensor, ctx) -> Tensor:
-        flat = flat_site(act)  # (batch, seq, ...) -> (batch, seq, d_in)
-        with torch.no_grad():
-            new = self._edit(flat, self._sae_on(act.device))
-        mask = ctx.mask(act, self.positions)[..., None]
-        return torch.where(mask, new.to(act.dtype), flat).view_as(act)
+        def edit(act: Tensor, ctx) -> Tensor:
+            flat = flat_site(act)  # (batch, seq, ...) -> (batch, seq, d_in)
+            with torch.no_grad():
+                new = self._edit(flat, copies.module_on(self.sae, act.device))
+            mask = ctx.mask(act, positions)[..., None]
+            return torch.where(mask, new.to(act.dtype), flat).view_as(act)
 
-    def _sae_on(self, device: torch.device) -> SAE:
-        if not hasattr(self, "_copies"):
-            self._copies = Copies()
-        return self._copies.module_on(self.sae, device)
+        return edit
 
     def _edit(self, x: Tensor, sae: SAE) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class SteerFeature(_SAEIntervention):
-    """x ← x + α·d_i (see the module docstring)."""
+    """x ← x + scale·d_i (see the module docstring)."""
 
     sae: SAE
     feature: int
-    alpha: float
-    positions: object = None
+    scale: float
+    positions: Positions = None
 
-    def validate(self, site, model):
+    def _check(self):
+        _check_sae(self.sae)
         _check_feature(self.feature, self.sae.cfg.d_sae)
-        _check_finite("alpha", self.alpha)
-        super().validate(site, model)
+        object.__setattr__(self, "scale", check_number(self.scale, "scale"))
 
     def _edit(self, x, sae):
-        return x + (self.alpha * decoder_direction(sae, self.feature)).to(x.dtype)
+        return x + (self.scale * decoder_direction(sae, self.feature)).to(x.dtype)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class ClampFeatures(_SAEIntervention):
     """Set latents to `value` through the SAE; with `keep_error`, x ← x + (f' − f) W_dec / s, so
     nothing but those latents changes; without it, x ← dec(f')."""
@@ -119,14 +117,14 @@ class ClampFeatures(_SAEIntervention):
     sae: SAE
     features: tuple[int, ...]
     value: float
-    positions: object = None
+    positions: Positions = None
     keep_error: bool = True
 
-    def validate(self, site, model):
+    def _check(self):
+        _check_sae(self.sae)
         for feature in self.features:
             _check_feature(feature, self.sae.cfg.d_sae)
-        _check_finite("value", self.value)
-        super().validate(site, model)
+        object.__setattr__(self, "value", check_number(self.value, "value"))
 
     def _edit(self, x, sae):
         acts = sae.encode(x)
@@ -140,44 +138,54 @@ class ClampFeatures(_SAEIntervention):
         return x + delta.to(x.dtype)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class SpliceSAE(_SAEIntervention):
-    """x ← dec(enc(x)); with `keep_error`, the reconstruction error is added back (x ← x̂ + (x − x̂))."""
+    """x ← dec(enc(x)); with `keep_error`, the reconstruction error is added back (x ← x̂ + (x − x̂)).
+    With `observe`, each (x, x̂, latents) of the edited tokens is handed to it (for metrics)."""
 
     sae: SAE
     keep_error: bool = False
-    positions: object = None
+    positions: Positions = None
+    observe: Callable[[Tensor, Tensor, Tensor], None] | None = None
+
+    def _check(self):
+        _check_sae(self.sae)
 
     def _edit(self, x, sae):
-        x_hat = sae.decode(sae.encode(x)).to(x.dtype)
+        acts = sae.encode(x)
+        x_hat = sae.decode(acts).to(x.dtype)
+        if self.observe is not None:
+            self.observe(x, x_hat, acts)
         return x_hat + (x - x_hat) if self.keep_error else x_hat
 
 
-def steer_feature(sae: SAE, feature: int, *, alpha: float, positions=None) -> SteerFeature:
-    """Add α times latent `feature`'s decoder direction (α in units of the latent's activation)."""
-    return SteerFeature(sae, feature, alpha, positions)
+def _check_sae(sae) -> None:
+    if not isinstance(sae, SAE):
+        raise UserInputError(f"expected an interplab SAE (see interplab.sae.load_sae), got {type(sae).__name__}")
 
 
-def clamp_feature(sae: SAE, feature: int | Sequence[int], value: float, *, positions=None,
+def steer_feature(sae: SAE, feature: int, *, scale: float, positions: PositionsLike = None) -> SteerFeature:
+    """Add `scale` times latent `feature`'s decoder direction (scale in units of the latent's activation)."""
+    return SteerFeature(sae, feature, scale, positions)
+
+
+def clamp_feature(sae: SAE, feature: int | Sequence[int], value: float, *, positions: PositionsLike = None,
                   keep_error: bool = True) -> ClampFeatures:
     """Set one latent (or several) to `value`, keeping the SAE's error term unless told otherwise."""
     features = (feature,) if isinstance(feature, int) else tuple(feature)
     return ClampFeatures(sae, features, value, positions, keep_error)
 
 
-def ablate_feature(sae: SAE, feature: int | Sequence[int], *, positions=None, keep_error: bool = True) -> ClampFeatures:
+def ablate_feature(sae: SAE, feature: int | Sequence[int], *, positions: PositionsLike = None, keep_error: bool = True) -> ClampFeatures:
     """Set latents to zero (a clamp to 0)."""
     return clamp_feature(sae, feature, 0.0, positions=positions, keep_error=keep_error)
 
 
-def splice_sae(sae: SAE, *, keep_error: bool = False, positions=None) -> SpliceSAE:
-    """Replace the activation by the SAE's reconstruction (plus its error when keep_error)."""
-    return SpliceSAE(sae, keep_error, positions)
-
-
-def _check_finite(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+def splice_sae(sae: SAE, *, keep_error: bool = False, positions: PositionsLike = None,
+               observe: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> SpliceSAE:
+    """Replace the activation by the SAE's reconstruction (plus its error when keep_error).
+    `observe(x, x_hat, latents)`, when given, sees each edited batch of tokens (for metrics)."""
+    return SpliceSAE(sae, keep_error, positions, observe)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,22 +204,21 @@ def vocab_bias(model, sae: SAE, feature: int, *, site: str | None = None, fold_n
 
 
 class FeatureLogitBias(LogitsProcessor):
-    """Next-token logits ← logits + α·b_i (see the module docstring).
+    """Next-token logits ← logits + scale·b_i (see the module docstring).
 
-    >>> bias = FeatureLogitBias(model, sae, 123, alpha=4.0)
+    >>> bias = FeatureLogitBias(model, sae, 123, scale=4.0)
     >>> interplab.generate(model, prompts, logits_processor=LogitsProcessorList([bias]))
 
     With `only_when_active=True`, wrap generation in `with bias:` so it can read the latent's
     activation on the current token (a read-only hook at the SAE's site).
     """
 
-    def __init__(self, model, sae: SAE, feature: int, *, alpha: float, only_when_active: bool = False,
+    def __init__(self, model, sae: SAE, feature: int, *, scale: float, only_when_active: bool = False,
                  threshold: float = 0.0, site: str | None = None, fold_norm: bool = True) -> None:
         self.model = as_loaded(model)
         self.site = resolve_sae_site(self.model, sae, site)
         _check_feature(feature, sae.cfg.d_sae)
-        _check_finite("alpha", alpha)
-        self.sae, self.feature, self.alpha = sae, feature, float(alpha)
+        self.sae, self.feature, self.scale = sae, feature, check_number(scale, "scale")
         self.only_when_active, self.threshold = only_when_active, float(threshold)
         self.bias = vocab_bias(self.model, sae, feature, site=self.site.name, fold_norm=fold_norm)
         self.active: Tensor | None = None
@@ -235,7 +242,7 @@ class FeatureLogitBias(LogitsProcessor):
             self.active = self.sae.encode(last)[:, self.feature] > self.threshold
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        bias = self.alpha * self.bias.to(device=scores.device, dtype=scores.dtype)
+        bias = self.scale * self.bias.to(device=scores.device, dtype=scores.dtype)
         if not self.only_when_active:
             return scores + bias
         if self.active is None or self.active.shape[0] != scores.shape[0]:
@@ -244,8 +251,8 @@ class FeatureLogitBias(LogitsProcessor):
         return scores + self.active.to(scores.device)[:, None] * bias
 
     def apply_to_logits(self, logits: Float[Tensor, "... vocab"], active: Tensor | None = None) -> Tensor:
-        """logits + α·b_i at every position (only where `active`, a bool tensor of logits.shape[:-1])."""
-        bias = self.alpha * self.bias.to(device=logits.device, dtype=logits.dtype)
+        """logits + scale·b_i at every position (only where `active`, a bool tensor of logits.shape[:-1])."""
+        bias = self.scale * self.bias.to(device=logits.device, dtype=logits.dtype)
         return logits + (bias if active is None else active[..., None].to(logits.device) * bias)
 
 
@@ -256,11 +263,12 @@ class FeatureLogitBias(LogitsProcessor):
 
 @dataclass(frozen=True)
 class SteeringResult:
-    """One method at one strength: target-concept gain against damage on neutral text."""
+    """One method at one scale: target-concept gain against damage on neutral text."""
 
     method: str
-    strength: float
-    """α for 'steer' (latent units), the clamp value for 'clamp', α in nats for the logit biases."""
+    scale: float
+    """The steer scale for 'steer' (latent units), the clamp value for 'clamp', the bias scale in
+    nats for the logit biases."""
     target_prob: float
     """Mean probability, over the prompts, that the next token is one of the target tokens."""
     target_gain: float
@@ -297,14 +305,14 @@ def compare_steering(
     site: str | None = None,
     target_tokens: Sequence[str] | None = None,
     n_target_tokens: int = 10,
-    multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
-    bias_strengths: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0),
+    scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
+    bias_scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0),
     methods: Sequence[str] = METHODS,
     batch_size: int = 8,
 ) -> SteeringComparison:
     """Target-concept probability gain vs damage (CE on neutral text) for activation steering,
-    clamping and the logit bias. Steer α and clamp values are `multipliers` × the latent's maximum
-    activation on the neutral windows; the biases use `bias_strengths` (nats). Targets: the given
+    clamping and the logit bias. Steer scales and clamp values are `scales` × the latent's maximum
+    activation on the neutral windows; the biases use `bias_scales` (nats). Targets: the given
     tokens, else the latent's `n_target_tokens` most promoted tokens."""
     model = as_loaded(model)
     resolved = resolve_sae_site(model, sae, site)
@@ -313,17 +321,17 @@ def compare_steering(
     targets = _target_ids(model, sae, feature, resolved, target_tokens, n_target_tokens)
     prompt_batch = _prompt_batch(model, prompts)
     activity = _feature_activity(model, sae, resolved, feature, neutral_windows, batch_size)
-    scale = float(activity.max()) if bool((activity > 0).any()) else math.sqrt(sae.cfg.d_in) / 2
+    peak = float(activity.max()) if bool((activity > 0).any()) else math.sqrt(sae.cfg.d_in) / 2
     clean_prob = _target_prob(model, prompt_batch, targets, None)
     clean_ce = forward_loss(model, neutral_windows, batch_size=batch_size)
     comparison = SteeringComparison(feature, resolved.name, [model.tokenizer.decode([t]) for t in targets.tolist()],
-                                    clean_prob, clean_ce, scale)
+                                    clean_prob, clean_ce, peak)
     for method in methods:
-        strengths = bias_strengths if method.startswith("logit_bias") else [m * scale for m in multipliers]
-        for strength in strengths:
-            prob, ce = _evaluate_method(model, sae, feature, resolved, method, strength, prompt_batch, targets,
+        values = bias_scales if method.startswith("logit_bias") else [m * peak for m in scales]
+        for value in values:
+            prob, ce = _evaluate_method(model, sae, feature, resolved, method, value, prompt_batch, targets,
                                         neutral_windows, activity, batch_size)
-            comparison.results.append(SteeringResult(method, strength, prob, prob - clean_prob, ce, ce - clean_ce))
+            comparison.results.append(SteeringResult(method, value, prob, prob - clean_prob, ce, ce - clean_ce))
     return comparison
 
 
@@ -379,14 +387,14 @@ def _feature_activity(model, sae, site, feature, windows, batch_size) -> Float[T
     return torch.cat(rows)
 
 
-def _evaluate_method(model, sae, feature, site, method, strength, prompt_batch, targets, windows, activity,
+def _evaluate_method(model, sae, feature, site, method, value, prompt_batch, targets, windows, activity,
                      batch_size) -> tuple[float, float]:
     if method in ("steer", "clamp"):
-        fn = steer_feature(sae, feature, alpha=strength) if method == "steer" else clamp_feature(sae, feature, strength)
+        fn = steer_feature(sae, feature, scale=value) if method == "steer" else clamp_feature(sae, feature, value)
         with intervene(model, {site.name: fn}):
             return (_target_prob(model, prompt_batch, targets, None),
                     forward_loss(model, windows, batch_size=batch_size))
-    bias = FeatureLogitBias(model, sae, feature, alpha=strength, site=site.name)
+    bias = FeatureLogitBias(model, sae, feature, scale=value, site=site.name)
     only_active = method == "logit_bias_active"
     prompt_active = None
     if only_active:

@@ -36,7 +36,8 @@ from interplab.devices import Copies
 from interplab.errors import ArtifactError, UserInputError
 from interplab.files import (atomic_folder, check_digest, check_replaceable, config_field, load_tensors,
                              read_json_object, save_tensors, tensors_digest, write_json)
-from interplab.interventions import Intervention, InterventionHandle, add_vector, intervene
+from interplab.interventions import (Intervention, InterventionHandle, add_vector, as_vector,
+                                     check_number, intervene)
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions, as_positions
 
@@ -297,32 +298,37 @@ class SteeringVector:
 
 # --- position-aligned addition (ActAdd) -------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class AddAligned(Intervention):
     """x_p <- x_p + scale * rows[p] for absolute positions p < n_pos (Turner et al. 2023)."""
 
     rows: Float[Tensor, "n_pos d_model"]
     scale: float = 1.0
     norm_preserving: bool = False
-    _copies: Copies = field(default_factory=Copies, repr=False)
 
-    def validate(self, site, model):
-        super().validate(site, model)
+    def _check(self):
+        object.__setattr__(self, "rows", as_vector(self.rows, "ActAdd rows"))
+        object.__setattr__(self, "scale", check_number(self.scale, "scale"))
+
+    def _bind(self, site, model):
         if self.rows.dim() != 2 or self.rows.shape[-1] != model.d_model:
-            raise ValueError(f"ActAdd rows have shape {tuple(self.rows.shape)}; expected "
-                             f"(n_pos, {model.d_model}) for {model.model_id}")
+            raise UserInputError(f"ActAdd rows have shape {tuple(self.rows.shape)}; expected "
+                                 f"(n_pos, {model.d_model}) for {model.model_id}")
+        rows, scale, norm_preserving, copies = self.rows, self.scale, self.norm_preserving, Copies()
 
-    def __call__(self, act, ctx):
-        positions = ctx.positions(act)  # (batch, seq) absolute, -1 = padding
-        n_pos = self.rows.shape[0]
-        inside = (positions >= 0) & (positions < n_pos)
-        rows = self._copies.like(self.rows, act)
-        added = rows[positions.clamp(0, n_pos - 1)] * inside[..., None]  # (batch, seq, d_model)
-        new = act + self.scale * added
-        if self.norm_preserving:
-            rescaled = new * (act.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            new = torch.where(inside[..., None], rescaled, act)
-        return new
+        def add(act, ctx):
+            positions = ctx.positions(act)  # (batch, seq) absolute, -1 = padding
+            n_pos = rows.shape[0]
+            inside = (positions >= 0) & (positions < n_pos)
+            cast = copies.like(rows, act)
+            added = cast[positions.clamp(0, n_pos - 1)] * inside[..., None]  # (batch, seq, d_model)
+            new = act + scale * added
+            if norm_preserving:
+                rescaled = new * (act.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                new = torch.where(inside[..., None], rescaled, act)
+            return new
+
+        return add
 
 
 # --- positions --------------------------------------------------------------------------------
