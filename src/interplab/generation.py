@@ -6,8 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from interplab.errors import UserInputError
 from interplab.models.handle import LoadedModel, as_loaded
-from interplab.tokens import padding_side
+from interplab.types import ModelLike
+from interplab.tokens import check_context, padding_side
 
 
 def has_chat_template(model: LoadedModel) -> bool:
@@ -28,7 +30,7 @@ def format_prompt(model: LoadedModel, prompt: str, chat: bool | None = None) -> 
 
 
 def generate(
-    model,
+    model: ModelLike,
     prompts: str | Sequence[str],
     *,
     max_new_tokens: int = 40,
@@ -45,18 +47,21 @@ def generate(
 
     The chat template is applied when the model has one, unless `chat=False`. `stream=True`
     prints tokens as they come (one prompt only); a callable receives each text chunk.
-    Greedy by default; with `do_sample`, `seed` makes runs repeatable.
+    Greedy by default; with `do_sample`, `seed` makes runs repeatable. A prompt that, with
+    `max_new_tokens`, would run past the model's context window is refused before generating.
     """
     model = as_loaded(model)
     texts = _check_prompts(prompts)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokenizer = model.require_tokenizer()
     formatted = [format_prompt(model, text, chat) for text in texts]
     with padding_side(tokenizer, "left"):
         enc = tokenizer(formatted, return_tensors="pt", padding=True,
                         add_special_tokens=not _template_used(model, chat))
     # only ids and mask: transformers 4.x rejects extra tokenizer outputs such as token_type_ids
+    check_context(model, enc["input_ids"].shape[1], new_tokens=max_new_tokens, what="the prompts",
+                  hint="shorten the prompt or ask for fewer new tokens")
     enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask")}
     if seed is not None:
         torch.manual_seed(seed)

@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab.errors import UserInputError
 from interplab.models.handle import LoadedModel
 
 
@@ -72,7 +73,7 @@ def _from_texts(model, texts, side, max_length, add_special_tokens) -> Batch:
     with padding_side(tokenizer, side):
         enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=max_length is not None,
                         max_length=max_length, add_special_tokens=add_special_tokens)
-    _check_length(model, enc["input_ids"].shape[1])
+    check_context(model, enc["input_ids"].shape[1])
     return Batch(enc["input_ids"], enc["attention_mask"], side)
 
 
@@ -80,7 +81,7 @@ def _from_ids(model, ids: Tensor, side: str) -> Batch:
     if ids.numel() == 0:
         raise ValueError("no inputs: the token id tensor is empty")
     _check_vocab(model, ids)
-    _check_length(model, ids.shape[1])
+    check_context(model, ids.shape[1])
     return Batch(ids.long(), torch.ones_like(ids, dtype=torch.long), side)
 
 
@@ -95,7 +96,7 @@ def _pad_lists(model, rows: list[list[int]], side: str) -> Batch:
         sl = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
         ids[i, sl], mask[i, sl] = torch.tensor(row), 1
     _check_vocab(model, ids)
-    _check_length(model, width)
+    check_context(model, width)
     return Batch(ids, mask, side)
 
 
@@ -125,10 +126,15 @@ def max_positions(model: LoadedModel) -> int | None:
     return None
 
 
-def _check_length(model: LoadedModel, length: int) -> None:
+def check_context(model: LoadedModel, length: int, *, new_tokens: int = 0, what: str = "inputs",
+                  hint: str = "shorten them or pass max_length to truncate") -> None:
+    """Refuse `length` prompt tokens (plus `new_tokens` to generate) past the model's context
+    window, before any work starts. One rule for capture, generate, steering evaluation,
+    analysis and SAE harvests."""
     limit = max_positions(model)
-    if limit is not None and length > limit:
-        raise ValueError(
-            f"inputs are {length} tokens long but {model.model_id} allows at most {limit} positions; "
-            "shorten them or pass max_length to truncate"
-        )
+    total = length + new_tokens
+    if limit is None or total <= limit:
+        return
+    asked = f"{length} tokens" + (f" + {new_tokens} new tokens = {total}" if new_tokens else "")
+    raise UserInputError(f"{what}: {asked}, but {model.model_id} allows at most {limit} positions; "
+                         f"{hint}")

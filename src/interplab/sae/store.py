@@ -42,7 +42,7 @@ from interplab.hooks import HookSession, StopForward
 from interplab.progress import progress_bar
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.sites import Site
-from interplab.tokens import max_positions
+from interplab.tokens import check_context
 
 FORMAT_VERSION = 1
 """Version of the on-disk activation folder format."""
@@ -317,10 +317,8 @@ def _empty_corpus_message(corpus, context_length: int, skip: int = 0) -> str:
 
 def check_context_length(model: LoadedModel, context_length: int) -> None:
     """Refuse windows longer than the model's position limit, before any work starts."""
-    limit = max_positions(model)
-    if limit is not None and context_length > limit:
-        raise ValueError(f"context_length {context_length} is longer than {model.model_id} allows "
-                         f"({limit} positions); use context_length <= {limit}")
+    check_context(model, context_length, what="windows",
+                  hint="use a context_length within the model's context window")
 
 
 # --------------------------------------------------------------------------------------------

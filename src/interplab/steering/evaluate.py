@@ -139,7 +139,7 @@ def ab_scores(model: LoadedModel, prompts: ABPrompts, *, batch_size: int = 16,
               steer=None) -> tuple[float, float]:
     """(mean normalised p(match), mean p(A) + p(B)), optionally steered by
     steer = (vector, layer, multiplier, positions)."""
-    from interplab.tokens import padding_side
+    from interplab.tokens import check_context, padding_side
 
     tokenizer = model.require_tokenizer()
     letters, texts = prompts.letters, prompts.texts
@@ -151,6 +151,8 @@ def ab_scores(model: LoadedModel, prompts: ABPrompts, *, batch_size: int = 16,
             with padding_side(tokenizer, "left"):
                 enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=not prompts.templated)
+            check_context(model, enc["input_ids"].shape[1], what="the A/B prompts",
+                          hint="use shorter questions")
             if handle is not None:
                 handle.new_sequence()  # each batch is a new prompt (prompt length is per batch)
             with torch.no_grad():

@@ -39,6 +39,7 @@ from interplab.models.handle import LoadedModel, as_loaded
 from interplab.progress import progress as progress_items
 from interplab.steering.datasets import ContrastDataset, ContrastPair
 from interplab.steering.vector import STEERABLE_SITES, SteeringVector
+from interplab.tokens import check_context
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic")
 READS = ("auto", "answer", "last", "mean")
@@ -301,6 +302,8 @@ def tokenize_completion(model: LoadedModel, prefix: str, completion: str, *, rea
     ids = tuple(enc["input_ids"])
     if not ids:
         raise ValueError(f"{where}: the text {text!r} has no tokens")
+    check_context(model, len(ids), what=f"{where}: the text" if where else "the text",
+                  hint="shorten the pair's prompt or completion")
     first = _first_completion_token(tokenizer, enc, prefix, templated)
     first = min(first, len(ids) - 1)
     if read == "last":
