@@ -387,6 +387,33 @@ class Patch(Intervention):
         return write
 
 
+@dataclass(frozen=True, eq=False)
+class OnTokens(Intervention):
+    """Another intervention, applied only on the tokens a per-row mask selects."""
+
+    intervention: Intervention
+    tokens: Tensor
+
+    def _check(self):
+        if not isinstance(self.intervention, Intervention):
+            raise UserInputError(f"on_tokens() wraps an Intervention, got {type(self.intervention).__name__}")
+        if not isinstance(self.tokens, Tensor) or self.tokens.dtype != torch.bool or self.tokens.dim() != 2:
+            raise UserInputError("on_tokens() needs a (batch, seq) bool tensor indexed by absolute position")
+
+    def _bind(self, site, model):
+        inner, tokens = self.intervention.bind(site, model), self.tokens
+
+        def apply(act, ctx):
+            positions = ctx.positions(act)  # (batch, seq) absolute, -1 on padding
+            if act.shape[0] != tokens.shape[0] or int(positions.max()) >= tokens.shape[1]:
+                raise UserInputError(f"the token mask for {site.name} is {tuple(tokens.shape)} but the run "
+                                     f"has {act.shape[0]} rows reaching position {int(positions.max())}")
+            chosen = tokens.to(act.device).gather(1, positions.clamp(min=0)) & (positions >= 0)
+            return torch.where(chosen.view(*chosen.shape, *([1] * (act.dim() - 2))), inner(act, ctx), act)
+
+        return apply
+
+
 # --- constructors (the public, keyword-argument API) -----------------------------------------
 
 def add_vector(vector, *, scale: float = 1.0, positions: PositionsLike = None,
@@ -459,6 +486,13 @@ def patch(source, *, positions: PositionsLike = None, index: Index = None) -> Pa
     `index` select which tokens and heads/neurons are overwritten (the rest is kept).
     """
     return Patch(source, positions, index)
+
+
+def on_tokens(intervention: Intervention, tokens: Tensor) -> OnTokens:
+    """Apply `intervention` only where `tokens` is True: a (batch, seq) bool tensor indexed by
+    absolute position, one row per input row (e.g. "every token but the special ones").
+    Use it when the selection differs between rows; `positions` selects the same for all."""
+    return OnTokens(intervention, tokens)
 
 
 # --- scoping ----------------------------------------------------------------------------------

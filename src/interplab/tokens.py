@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from interplab.errors import UserInputError
@@ -107,6 +107,25 @@ def pad_token_id(model: LoadedModel) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, padding, unknown, ...)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
+def special_token_mask(model: LoadedModel, ids: Int[Tensor, "..."]) -> Bool[Tensor, "..."]:
+    """True where `ids` holds one of the model's special tokens (none without a tokenizer).
+    The one definition SAE training, evaluation, features and steering skip tokens by."""
+    if model.tokenizer is None:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=ids.dtype, device=ids.device)
+    return torch.isin(ids, special)
 
 
 def _check_vocab(model: LoadedModel, ids: Tensor) -> None:

@@ -9,7 +9,7 @@ import torch
 import interplab
 from interplab.models.handle import LoadedModel
 from interplab.steering.datasets import ContrastDataset, ContrastPair
-from interplab.steering.evaluate import (ab_prompts, ab_scores, ab_sweep, check_multipliers, damage, plot_damage,
+from interplab.steering.evaluate import (ab_prompts, ab_scores, ab_sweep, check_scales, damage, plot_damage,
                                          plot_heatmap, plot_sweep, side_by_side, sweep_summary, write_rows)
 from interplab.steering.vector import SteeringVector
 
@@ -66,11 +66,11 @@ def test_ab_score_matches_a_direct_computation():
 
 def test_sweep_rows_and_baseline_shared_across_layers():
     model = ab_model()
-    rows = ab_sweep(model, random_vector() * 3, ab_data(), multipliers=[-1, 0, 1], batch_size=2)
-    assert [(r.layer, r.multiplier) for r in rows] == [(0, -1.0), (0, 0.0), (0, 1.0), (2, -1.0), (2, 0.0), (2, 1.0)]
-    zero = [r.p_match for r in rows if r.multiplier == 0]
+    rows = ab_sweep(model, random_vector() * 3, ab_data(), scales=[-1, 0, 1], batch_size=2)
+    assert [(r.layer, r.scale) for r in rows] == [(0, -1.0), (0, 0.0), (0, 1.0), (2, -1.0), (2, 0.0), (2, 1.0)]
+    zero = [r.p_match for r in rows if r.scale == 0]
     assert zero[0] == zero[1]
-    assert any(abs(r.p_match - zero[0]) > 1e-4 for r in rows if r.multiplier != 0)
+    assert any(abs(r.p_match - zero[0]) > 1e-4 for r in rows if r.scale != 0)
     summary = sweep_summary(rows)
     assert set(summary) == {0, 2} and len(summary[0]["p_match"]) == 3
 
@@ -80,21 +80,21 @@ def test_sweep_steering_is_per_batch_correct():
     positions are relative to each batch's prompt end)."""
     model = ab_model()
     v = random_vector(layers=(1,)) * 4
-    together = ab_sweep(model, v, ab_data(), multipliers=[2], batch_size=4)[0].p_match
-    one_by_one = ab_sweep(model, v, ab_data(), multipliers=[2], batch_size=1)[0].p_match
+    together = ab_sweep(model, v, ab_data(), scales=[2], batch_size=4)[0].p_match
+    one_by_one = ab_sweep(model, v, ab_data(), scales=[2], batch_size=1)[0].p_match
     assert together == pytest.approx(one_by_one, abs=1e-5)
 
 
-def test_multipliers_must_be_numbers():
-    assert check_multipliers([-2, 0, 2.5]) == [-2.0, 0.0, 2.5]
-    with pytest.raises(ValueError, match="multiplier 'x' is not a number"):
-        check_multipliers([1, "x"])
+def test_scales_must_be_numbers():
+    assert check_scales([-2, 0, 2.5]) == [-2.0, 0.0, 2.5]
+    with pytest.raises(ValueError, match="scale 'x' is not a number"):
+        check_scales([1, "x"])
     with pytest.raises(ValueError, match="not a finite number"):
-        check_multipliers([float("nan")])
+        check_scales([float("nan")])
     with pytest.raises(ValueError, match="non-empty list"):
-        check_multipliers([])
-    with pytest.raises(ValueError, match="multiplier 'x'"):
-        ab_sweep(ab_model(), random_vector(), ab_data(), multipliers=["x"])
+        check_scales([])
+    with pytest.raises(ValueError, match="scale 'x'"):
+        ab_sweep(ab_model(), random_vector(), ab_data(), scales=["x"])
 
 
 def test_non_ab_items_are_refused():
@@ -105,8 +105,8 @@ def test_non_ab_items_are_refused():
 
 def test_damage_is_zero_at_zero_and_grows_with_the_multiplier(llama):
     v = random_vector(layers=(1,), model_id="tiny-llama")
-    rows = damage(llama, v, multipliers=[0, 1, 4], texts=["the cat sat on the mat .", "a dog is hot"])
-    by_m = {r.multiplier: r for r in rows}
+    rows = damage(llama, v, scales=[0, 1, 4], texts=["the cat sat on the mat .", "a dog is hot"])
+    by_m = {r.scale: r for r in rows}
     assert by_m[0].kl == 0 and by_m[0].delta_ce == 0
     assert 0 < by_m[1].kl < by_m[4].kl
     assert by_m[4].cross_entropy == pytest.approx(by_m[0].cross_entropy + by_m[4].delta_ce)
@@ -122,11 +122,11 @@ def test_side_by_side_uses_the_same_seed(llama):
 
 
 def test_tables_and_plots_are_written(tmp_path):
-    rows = ab_sweep(ab_model(), random_vector(), ab_data(), multipliers=[-1, 0, 1])
+    rows = ab_sweep(ab_model(), random_vector(), ab_data(), scales=[-1, 0, 1])
     csv_path, json_path = write_rows(rows, tmp_path, "ab_sweep")
-    assert csv_path.read_text().splitlines()[0] == "layer,multiplier,p_match,p_ab,n_items"
+    assert csv_path.read_text().splitlines()[0] == "layer,scale,p_match,p_ab,n_items"
     assert len(json.loads(json_path.read_text())) == 6
     for fn, name in ((plot_sweep, "sweep.png"), (plot_heatmap, "heatmap.png")):
         assert fn(rows, tmp_path / name).stat().st_size > 1000
-    drows = damage(ab_model(), random_vector(), multipliers=[0, 1], texts=["is it hot ?"])
+    drows = damage(ab_model(), random_vector(), scales=[0, 1], texts=["is it hot ?"])
     assert plot_damage(drows, tmp_path / "damage.png").stat().st_size > 1000

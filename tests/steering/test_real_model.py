@@ -33,7 +33,7 @@ def test_cold_minus_hot_raises_cold_words_and_the_opposite_sign_lowers_them(smol
 
 
 def test_damage_grows_with_the_multiplier(smollm, cold_vector):
-    rows = {r.multiplier: r for r in damage(smollm, cold_vector, multipliers=[0, 2, 8], batch_size=8)}
+    rows = {r.scale: r for r in damage(smollm, cold_vector, scales=[0, 2, 8], batch_size=8)}
     assert rows[0].delta_ce == 0 and 0 < rows[2].kl < rows[8].kl
     assert rows[8].delta_ce > rows[2].delta_ce
 
@@ -53,7 +53,7 @@ def test_ab_score_moves_with_the_multiplier(smollm):
     data = hot_cold_ab(balanced=False)
     train, test = data[:12], data[12:]
     vector = extract_vector(smollm, train, layers=[16], holdout=0.0).vector
-    rows = ab_sweep(smollm, vector, test, layers=[16], multipliers=[-1, 0, 1, 2], positions="caa")
+    rows = ab_sweep(smollm, vector, test, layers=[16], scales=[-1, 0, 1, 2], positions="caa")
     scores = sweep_summary(rows)[16]["p_match"]
     assert all(b > a + 0.05 for a, b in zip(scores, scores[1:])), scores
     assert scores[-1] - scores[0] > 0.3, scores

@@ -186,18 +186,18 @@ def evaluate(
     handle = load_model(name)
     chosen = parse_layers(layers, handle.n_layers) if layers else None
     if dataset is not None:
-        rows = ev.ab_sweep(handle, vec, dataset, layers=chosen, multipliers=scale_values, positions=positions,
+        rows = ev.ab_sweep(handle, vec, dataset, layers=chosen, scales=scale_values, positions=positions,
                            batch_size=batch_size, progress=True)
         ev.write_rows(rows, out, "ab_sweep")
         ev.plot_sweep(rows, out / "ab_sweep.png", title=f"A/B score ({Path(dataset.source).parent.name or 'test'})")
         ev.plot_heatmap(rows, out / "ab_heatmap.png")
         _print_sweep(rows)
     if damage_check:
-        rows = ev.damage(handle, vec, layers=chosen, multipliers=scale_values, progress=True)
+        rows = ev.damage(handle, vec, layers=chosen, scales=scale_values, progress=True)
         ev.write_rows(rows, out, "damage")
         ev.plot_damage(rows, out / "damage.png")
         for r in rows:
-            typer.echo(f"damage  layer {r.layer:>2}  x{r.multiplier:+g}: ΔCE {r.delta_ce:+.3f} nats, KL {r.kl:.3f}")
+            typer.echo(f"damage  layer {r.layer:>2}  x{r.scale:+g}: ΔCE {r.delta_ce:+.3f} nats, KL {r.kl:.3f}")
     if prompt:
         layer = (chosen or vec.layers)[0]
         gens = ev.side_by_side(handle, vec, prompt, layer=layer, scales=[m for m in scale_values if m != 0],
@@ -285,11 +285,11 @@ def _print_report(result) -> None:
 
 
 def _print_sweep(rows) -> None:
-    mults = sorted({r.multiplier for r in rows})
+    mults = sorted({r.scale for r in rows})
     typer.echo("A/B p(match) by layer (rows) and multiplier (columns)")
     typer.echo("layer " + " ".join(f"{m:>7g}" for m in mults))
     for layer in sorted({r.layer for r in rows}):
-        cells = {r.multiplier: r.p_match for r in rows if r.layer == layer}
+        cells = {r.scale: r.p_match for r in rows if r.layer == layer}
         typer.echo(f"{layer:>5} " + " ".join(f"{cells[m]:>7.3f}" for m in mults))
 
 

@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from interplab.hooks import HookSession
+from interplab.interventions import intervene, mean_ablate, on_tokens, zero_ablate
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.progress import progress as progress_items
 from interplab.sae.metrics import MetricsAccumulator, SAEMetrics, ce_loss_recovered
 from interplab.sae.model import SAE
-from interplab.sae.store import Harvester, site_width, special_token_ids
+from interplab.sae.store import Harvester, site_width
+from interplab.scoring import kl_divergence, log_probs, next_token_nll
 from interplab.sites import Site
+from interplab.tokens import special_token_mask
 
 ABLATIONS = ("zero", "mean")
 
@@ -77,12 +77,6 @@ def _other_site(model: LoadedModel, trained_on: str, used: Site) -> bool:
 def flat_site(act: Tensor) -> Tensor:
     """(batch, seq, ...) -> (batch, seq, width): attn.hook_z's heads side by side."""
     return act.flatten(2) if act.dim() > 3 else act
-
-
-def reconstruct(sae: SAE, x: Float[Tensor, "*n d_in"]) -> tuple[Tensor, Tensor]:
-    """(x̂, f): the SAE's reconstruction and latent activations of x, in x's dtype and the SAE's."""
-    acts = sae.encode(x)
-    return sae.decode(acts).to(x.dtype), acts
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,10 +201,9 @@ def _check_windows(model: LoadedModel, windows, batch_size: int, ablation: str) 
 
 def _keep_mask(model: LoadedModel, windows: Tensor, skip_special_tokens: bool) -> Bool[Tensor, "n seq"]:
     """Tokens the SAE (and the ablation) touch: all but special tokens, unless told otherwise."""
-    if not skip_special_tokens or model.tokenizer is None:
+    if not skip_special_tokens:
         return torch.ones_like(windows, dtype=torch.bool)
-    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
-    return ~torch.isin(windows, special)
+    return ~special_token_mask(model, windows)
 
 
 def _site_mean(model: LoadedModel, site: Site, windows: Tensor, keep: Tensor, batch_size: int) -> Tensor:
@@ -228,74 +221,34 @@ def _site_mean(model: LoadedModel, site: Site, windows: Tensor, keep: Tensor, ba
 def _score_batch(model, sae, site, ids, keep, mean, accumulator, totals) -> None:
     """Three forward passes (clean, SAE spliced, ablated) and their losses on one batch; only the
     clean log-probabilities are kept while the other two are scored."""
-    targets, scored = _targets(model, ids)
-    clean = _log_probs(model, ids, None)
-    totals["clean"] += float(_nll(clean, targets)[scored].sum())
-    replacement = _zero_fn() if mean is None else _mean_fn(mean)
-    for name, fn in (("sae", _splice_fn(sae, accumulator)), ("ablated", replacement)):
-        log_probs = _log_probs(model, ids, {site: [_masked(keep, fn)]})
-        totals[name] += float(_nll(log_probs, targets)[scored].sum())
-        totals[f"kl_{name}"] += float(_kl(clean, log_probs)[scored].sum())
-        del log_probs
+    from interplab.sae.steer import splice_sae  # sae.steer imports this module
+
+    scored = _scored(model, ids)
+    clean = _log_probs(model, ids)
+    totals["clean"] += float(next_token_nll(clean, ids)[scored].sum())
+
+    def observe(x, x_hat, acts):  # activation metrics on the kept tokens only
+        accumulator.update(x[keep], x_hat[keep], acts[keep])
+
+    # mean ablation: the reference is the mean itself, one (row, position) of the site's shape
+    ablation = zero_ablate() if mean is None else mean_ablate(mean.view(1, 1, *model.site_shape(site)))
+    for name, edit in (("sae", splice_sae(sae, observe=observe)), ("ablated", ablation)):
+        with intervene(model, {site.name: on_tokens(edit, keep)}):
+            log_p = _log_probs(model, ids)
+        totals[name] += float(next_token_nll(log_p, ids)[scored].sum())
+        totals[f"kl_{name}"] += float(kl_divergence(clean[:, :-1], log_p[:, :-1])[scored].sum())
+        del log_p
     totals["n"] += int(scored.sum())
 
 
-def _targets(model: LoadedModel, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token targets (b, seq-1) and which of them are scored (not special tokens)."""
-    targets = ids[:, 1:]
-    special = special_token_ids(model.tokenizer) if model.tokenizer is not None else set()
-    scored = ~torch.isin(targets, torch.tensor(sorted(special), dtype=torch.long))
-    return targets, scored
+def _scored(model: LoadedModel, ids: Tensor) -> Bool[Tensor, "b seq_minus_1"]:
+    """Which next-token predictions are scored: those whose target is not a special token."""
+    return ~special_token_mask(model, ids[:, 1:])
 
 
-def _log_probs(model: LoadedModel, ids: Tensor, fns: dict | None) -> Float[Tensor, "b seq_minus_1 vocab"]:
-    """Log-probabilities of the next token at every position but the last, under `fns` hooks."""
-    session = HookSession(model, fns).attach() if fns else None
-    try:
-        logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits
-    finally:
-        if session is not None:
-            session.remove()
-    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-
-
-def _nll(log_probs: Tensor, targets: Tensor) -> Tensor:
-    return -log_probs.gather(-1, targets[..., None])[..., 0]
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per position, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _masked(keep: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable:
-    """Apply fn to the kept tokens' flattened activations; leave the others as they are."""
-
-    def apply(act: Tensor, ctx) -> Tensor:
-        flat = flat_site(act)  # (b, seq, ...) -> (b, seq, width)
-        mask = keep.to(act.device)
-        new = flat.clone()
-        new[mask] = fn(flat[mask])
-        return new.view_as(act)
-
-    return apply
-
-
-def _splice_fn(sae: SAE, accumulator: MetricsAccumulator) -> Callable[[Tensor], Tensor]:
-    def splice(x: Tensor) -> Tensor:
-        x_hat, acts = reconstruct(sae, x)
-        accumulator.update(x, x_hat, acts)
-        return x_hat
-
-    return splice
-
-
-def _zero_fn() -> Callable[[Tensor], Tensor]:
-    return torch.zeros_like
-
-
-def _mean_fn(mean: Tensor) -> Callable[[Tensor], Tensor]:
-    return lambda x: mean.to(device=x.device, dtype=x.dtype).expand_as(x)
+def _log_probs(model: LoadedModel, ids: Tensor) -> Float[Tensor, "b seq vocab"]:
+    """Log-probabilities at every position under whatever interventions are active."""
+    return log_probs(model.hf(input_ids=ids.to(model.device), use_cache=False).logits).cpu()
 
 
 def _downstream_result(totals: dict, ablation: str) -> DownstreamMetrics:
@@ -318,9 +271,7 @@ def forward_loss(model: LoadedModel, windows: Tensor, *, batch_size: int = 8) ->
     with torch.no_grad():
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start:start + batch_size]
-            targets, scored = _targets(model, ids)
-            total += float(_nll(_log_probs(model, ids, None), targets)[scored].sum())
+            scored = _scored(model, ids)
+            total += float(next_token_nll(_log_probs(model, ids), ids)[scored].sum())
             n += int(scored.sum())
     return total / max(n, 1)
-
-

@@ -45,6 +45,7 @@ from interplab.sae.formats import sae_digest
 from interplab.sae.model import SAE
 from interplab.sae.store import Harvester, corpus_windows, special_token_ids
 from interplab.sites import Site
+from interplab.tokens import special_token_mask
 
 FORMAT_VERSION = 1
 """Version of the SQLite feature index layout."""
@@ -248,7 +249,7 @@ def _windows(model: LoadedModel, corpus, n_contexts: int, context_length: int) -
 def _keep(model: LoadedModel, windows: Tensor, skip_special_tokens: bool) -> Tensor:
     if not skip_special_tokens or model.tokenizer is None:
         return torch.ones_like(windows, dtype=torch.bool)
-    return ~torch.isin(windows, torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long))
+    return ~special_token_mask(model, windows)
 
 
 def _latents(sae: SAE, harvester: Harvester, site: Site, ids: Tensor, first: int) -> Float[Tensor, "b seq d_sae"]:
@@ -610,11 +611,10 @@ def contrast(model, sae: SAE, texts_a: Sequence[str], texts_b: Sequence[str], *,
 
 
 def _set_means(model, sae, site, texts, skip_special_tokens) -> tuple[Tensor, Tensor]:
-    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
     means, fired, n_tokens = [], 0, 0
     for text in texts:
         acts, ids = _text_latents(model, sae, site, text)
-        keep = ~torch.isin(ids, special) if skip_special_tokens else torch.ones_like(ids, dtype=torch.bool)
+        keep = ~special_token_mask(model, ids) if skip_special_tokens else torch.ones_like(ids, dtype=torch.bool)
         if not keep.any():
             continue
         means.append(acts[keep].mean(0))

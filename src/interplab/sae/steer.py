@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from transformers import LogitsProcessor
@@ -46,8 +45,10 @@ from interplab.positions import Positions
 from interplab.sae.downstream import flat_site, forward_loss, resolve_sae_site
 from interplab.sae.features import _check_feature, feature_vocab_effect
 from interplab.sae.model import SAE
-from interplab.sae.store import Harvester, special_token_ids
+from interplab.sae.store import Harvester
+from interplab.scoring import log_probs, masked_mean, next_token_nll
 from interplab.sites import Site
+from interplab.tokens import special_token_mask
 from interplab.types import PositionsLike
 
 METHODS = ("steer", "clamp", "logit_bias", "logit_bias_active")
@@ -378,12 +379,11 @@ def _target_prob(model: LoadedModel, batch, targets: Tensor, bias: FeatureLogitB
 def _feature_activity(model, sae, site, feature, windows, batch_size) -> Float[Tensor, "n seq"]:
     """The latent's activation on every token of the windows (0 on special tokens)."""
     harvester = Harvester(model, [site.name], drop_special_tokens=False)
-    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
     rows = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start:start + batch_size]
         x = harvester.run(ids, start).acts[site.name].view(*ids.shape, -1)  # (b * seq, d) -> (b, seq, d)
-        rows.append(sae.encode(x)[..., feature].float() * ~torch.isin(ids, special))
+        rows.append(sae.encode(x)[..., feature].float() * ~special_token_mask(model, ids))
     return torch.cat(rows)
 
 
@@ -406,15 +406,12 @@ def _evaluate_method(model, sae, feature, site, method, value, prompt_batch, tar
 def _biased_loss(model: LoadedModel, windows: Tensor, bias: FeatureLogitBias, active: Tensor | None,
                  batch_size: int) -> float:
     """Cross-entropy on the windows with the bias added to the logits (special targets skipped)."""
-    special = torch.tensor(sorted(special_token_ids(model.tokenizer)), dtype=torch.long)
     total, n = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start:start + batch_size]
-        logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
-        mask = None if active is None else active[start:start + batch_size, :-1]
-        log_probs = F.log_softmax(bias.apply_to_logits(logits, mask), dim=-1).cpu()
-        targets = ids[:, 1:]
-        scored = ~torch.isin(targets, special)
-        total += float(-log_probs.gather(-1, targets[..., None])[..., 0][scored].sum())
-        n += int(scored.sum())
+        logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits.float()
+        mask = None if active is None else active[start:start + batch_size]
+        log_p = log_probs(bias.apply_to_logits(logits, mask)).cpu()  # (b, seq, vocab)
+        part, count = masked_mean(next_token_nll(log_p, ids), ~special_token_mask(model, ids[:, 1:]))
+        total, n = total + part, n + count
     return total / max(n, 1)

@@ -42,7 +42,7 @@ from interplab.hooks import HookSession, StopForward
 from interplab.progress import progress_bar
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.sites import Site
-from interplab.tokens import check_context
+from interplab.tokens import check_context, special_token_ids
 
 FORMAT_VERSION = 1
 """Version of the on-disk activation folder format."""
@@ -228,16 +228,6 @@ def _hf_documents(name: str, text_field: str) -> Iterator[str]:
         if not isinstance(text, str):
             raise ValueError(f"dataset {name!r} has no string field {text_field!r}; pass text_field=")
         yield from _nonempty(text)
-
-
-def special_token_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special tokens (BOS, EOS, padding, unknown, ...)."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return ids
 
 
 def start_token_id(tokenizer) -> int | None:

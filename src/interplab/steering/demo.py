@@ -142,10 +142,10 @@ def run_demo(model=None, *, layer: int = DEMO_LAYER, scales: Sequence[float] = D
     """Baseline vs steered continuations of `prompt` with a "cold minus hot" vector."""
     from interplab.generation import generate
     from interplab.models.loading import load
-    from interplab.steering.evaluate import check_multipliers
+    from interplab.steering.evaluate import check_scales
     from interplab.steering.extract import extract_vector
 
-    scales = check_multipliers(scales)
+    scales = check_scales(scales)
     say = out or (lambda text: None)
     start = time.perf_counter()
     model = load() if model is None else model

@@ -3,10 +3,10 @@
 - A/B behaviour score (CAA; Panickssery et al. 2024): for each held-out A/B item the
   prompt is the (chat-formatted) question followed by "(", and the score is
   p(matching letter) / (p(A) + p(B)) at the next token, averaged over items, for every
-  (layer, multiplier) of a sweep. The vector is added from the end of the instruction on
+  (layer, scale) of a sweep. The vector is added from the end of the instruction on
   (positions="caa"), as CAA does.
 - Damage: the rise in next-token cross-entropy on neutral text, and the KL divergence
-  KL(p_base || p_steered) averaged over tokens, at each multiplier, so that behaviour
+  KL(p_base || p_steered) averaged over tokens, at each scale, so that behaviour
   change is always reported beside its cost.
 - Open-ended: baseline and steered generations side by side, with the same seed.
 
@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 from interplab import files
+from interplab.errors import UserInputError
 from interplab.figures import save_png, subplots
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions
+from interplab.scoring import kl_divergence, log_probs, masked_mean, next_token_nll
 from interplab.progress import progress as _progress_items
 from interplab.steering.datasets import ContrastDataset
 from interplab.steering.vector import SteeringVector, instruction_tail_tokens
@@ -48,10 +50,10 @@ NEUTRAL_TEXTS = (
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One (layer, multiplier) cell of an A/B sweep."""
+    """One (layer, scale) cell of an A/B sweep."""
 
     layer: int
-    multiplier: float
+    scale: float
     p_match: float
     """Mean over items of p(matching letter) / (p(A) + p(B))."""
     p_ab: float
@@ -62,10 +64,10 @@ class SweepRow:
 
 @dataclass(frozen=True)
 class DamageRow:
-    """Cost of steering on neutral text at one (layer, multiplier)."""
+    """Cost of steering on neutral text at one (layer, scale)."""
 
     layer: int
-    multiplier: float
+    scale: float
     cross_entropy: float
     """Mean next-token cross-entropy (nats) on the neutral texts, steered."""
     delta_ce: float
@@ -77,26 +79,26 @@ class DamageRow:
 # --- A/B --------------------------------------------------------------------------------------
 
 def ab_sweep(model, vector: SteeringVector, dataset: ContrastDataset, *, layers=None,
-             multipliers: Sequence[float] = (-2, -1, 0, 1, 2), positions="all", chat: bool | None = None,
+             scales: Sequence[float] = (-2, -1, 0, 1, 2), positions="all", chat: bool | None = None,
              batch_size: int = 16, progress: bool = False) -> list[SweepRow]:
-    """The A/B score for every layer x multiplier (multiplier 0 is computed once)."""
+    """The A/B score for every layer x scale (scale 0 is computed once)."""
     model = as_loaded(model)
-    multipliers = check_multipliers(multipliers)
+    scales = check_scales(scales)
     layers = vector.layers if layers is None else vector._chosen_layers(model, layers)
     vector.check_model(model)
     prompts = ab_prompts(model, dataset, chat)
     resolved = ab_positions(model, chat) if positions == "caa" else positions
     baseline = None
     rows = []
-    cells = [(layer, m) for layer in layers for m in multipliers]
-    for layer, multiplier in _progress_items(cells, progress, desc="A/B sweep"):
-        if multiplier == 0:
+    cells = [(layer, m) for layer in layers for m in scales]
+    for layer, scale in _progress_items(cells, progress, desc="A/B sweep"):
+        if scale == 0:
             baseline = baseline or ab_scores(model, prompts, batch_size=batch_size)
             p_match, p_ab = baseline
         else:
             p_match, p_ab = ab_scores(model, prompts, batch_size=batch_size,
-                                      steer=(vector, layer, multiplier, resolved))
-        rows.append(SweepRow(layer, multiplier, p_match, p_ab, len(prompts.texts)))
+                                      steer=(vector, layer, scale, resolved))
+        rows.append(SweepRow(layer, scale, p_match, p_ab, len(prompts.texts)))
     return rows
 
 
@@ -138,7 +140,7 @@ def ab_positions(model: LoadedModel, chat: bool | None = None) -> Positions:
 def ab_scores(model: LoadedModel, prompts: ABPrompts, *, batch_size: int = 16,
               steer=None) -> tuple[float, float]:
     """(mean normalised p(match), mean p(A) + p(B)), optionally steered by
-    steer = (vector, layer, multiplier, positions)."""
+    steer = (vector, layer, scale, positions)."""
     from interplab.tokens import check_context, padding_side
 
     tokenizer = model.require_tokenizer()
@@ -182,18 +184,18 @@ def letter_token(model: LoadedModel, letter: str) -> int:
 def _steer(model, steer):
     if steer is None:
         return None
-    vector, layer, multiplier, positions = steer
-    return vector.apply(model, layers=[layer], scale=multiplier, positions=positions)
+    vector, layer, scale, positions = steer
+    return vector.apply(model, layers=[layer], scale=scale, positions=positions)
 
 
 # --- damage -----------------------------------------------------------------------------------
 
-def damage(model, vector: SteeringVector, *, layers=None, multipliers: Sequence[float] = (-2, -1, 0, 1, 2),
+def damage(model, vector: SteeringVector, *, layers=None, scales: Sequence[float] = (-2, -1, 0, 1, 2),
            texts: Sequence[str] | None = None, positions="all", batch_size: int = 8,
            progress: bool = False) -> list[DamageRow]:
-    """Cross-entropy rise and KL to the unsteered model on neutral text, per layer x multiplier."""
+    """Cross-entropy rise and KL to the unsteered model on neutral text, per layer x scale."""
     model = as_loaded(model)
-    multipliers = check_multipliers(multipliers)
+    scales = check_scales(scales)
     layers = vector.layers if layers is None else vector._chosen_layers(model, layers)
     vector.check_model(model)
     texts = list(NEUTRAL_TEXTS if texts is None else texts)
@@ -203,17 +205,17 @@ def damage(model, vector: SteeringVector, *, layers=None, multipliers: Sequence[
     base = [_log_probs(model, batch) for batch in batches]
     base_ce = _cross_entropy(base, batches)
     rows = []
-    for layer, multiplier in _progress_items([(la, m) for la in layers for m in multipliers], progress, desc="damage"):
-        if multiplier == 0:
+    for layer, scale in _progress_items([(la, m) for la in layers for m in scales], progress, desc="damage"):
+        if scale == 0:
             rows.append(DamageRow(layer, 0.0, base_ce, 0.0, 0.0))
             continue
-        with vector.apply(model, layers=[layer], scale=multiplier, positions=positions) as handle:
+        with vector.apply(model, layers=[layer], scale=scale, positions=positions) as handle:
             steered = []
             for batch in batches:
                 handle.new_sequence()
                 steered.append(_log_probs(model, batch))
         ce = _cross_entropy(steered, batches)
-        rows.append(DamageRow(layer, multiplier, ce, ce - base_ce, _kl(base, steered, batches)))
+        rows.append(DamageRow(layer, scale, ce, ce - base_ce, _kl(base, steered, batches)))
     return rows
 
 
@@ -228,27 +230,25 @@ def _log_probs(model: LoadedModel, batch) -> torch.Tensor:
     with torch.no_grad():
         logits = model.hf(input_ids=batch.input_ids.to(model.device),
                           attention_mask=batch.attention_mask.to(model.device), use_cache=False).logits
-    return logits.float().log_softmax(-1).cpu()  # (batch, seq, vocab)
+    return log_probs(logits).cpu()  # (batch, seq, vocab)
 
 
-def _cross_entropy(log_probs: list[torch.Tensor], batches) -> float:
+def _cross_entropy(log_p: list[torch.Tensor], batches) -> float:
+    """Mean next-token cross-entropy over the real target tokens."""
     total, count = 0.0, 0
-    for lp, batch in zip(log_probs, batches):
-        targets = batch.input_ids[:, 1:]  # predict token t+1 from position t
-        mask = batch.attention_mask[:, 1:].bool()
-        picked = lp[:, :-1].gather(-1, targets[..., None])[..., 0]  # (batch, seq - 1)
-        total += float(-picked[mask].sum())
-        count += int(mask.sum())
+    for lp, batch in zip(log_p, batches):
+        nll = next_token_nll(lp, batch.input_ids)  # (batch, seq - 1)
+        part, n = masked_mean(nll, batch.attention_mask[:, 1:].bool())
+        total, count = total + part, count + n
     return total / max(count, 1)
 
 
 def _kl(base: list[torch.Tensor], steered: list[torch.Tensor], batches) -> float:
+    """Mean KL(p_base || p_steered) over every real token's next-token distribution."""
     total, count = 0.0, 0
     for b, s, batch in zip(base, steered, batches):
-        mask = batch.attention_mask.bool()
-        per_token = (b.exp() * (b - s)).sum(-1)  # (batch, seq)
-        total += float(per_token[mask].sum())
-        count += int(mask.sum())
+        part, n = masked_mean(kl_divergence(b, s), batch.attention_mask.bool())  # (batch, seq)
+        total, count = total + part, count + n
     return total / max(count, 1)
 
 
@@ -263,7 +263,7 @@ def side_by_side(model, vector: SteeringVector, prompts: Sequence[str], *, layer
     from interplab.generation import generate
 
     model = as_loaded(model)
-    scales = check_multipliers(scales)
+    scales = check_scales(scales)
     rows = []
     for prompt in prompts:
         for scale in [0.0] + [s for s in scales if s != 0]:
@@ -280,16 +280,16 @@ def side_by_side(model, vector: SteeringVector, prompts: Sequence[str], *, layer
 
 # --- checks, files, plots ---------------------------------------------------------------------
 
-def check_multipliers(values) -> list[float]:
+def check_scales(values) -> list[float]:
     """Finite numbers, or a clear error naming the bad one."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(f"multipliers must be a non-empty list of numbers, got {values!r}")
+        raise UserInputError(f"scales must be a non-empty list of numbers, got {values!r}")
     out = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"multiplier {value!r} is not a number")
+            raise UserInputError(f"scale {value!r} is not a number")
         if not math.isfinite(float(value)):
-            raise ValueError(f"multiplier {value!r} is not a finite number")
+            raise UserInputError(f"scale {value!r} is not a finite number")
         out.append(float(value))
     return out
 
@@ -309,28 +309,28 @@ def write_rows(rows: Sequence, folder: str | os.PathLike, name: str) -> tuple[Pa
 
 
 def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "A/B behaviour score") -> Path:
-    """Score vs multiplier, one line per layer."""
+    """Score vs scale, one line per layer."""
     fig, ax = subplots(figsize=(6.5, 4.2))
     for layer in sorted({r.layer for r in rows}):
-        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.multiplier)
-        ax.plot([r.multiplier for r in mine], [r.p_match for r in mine], marker="o", label=f"layer {layer}")
+        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.scale)
+        ax.plot([r.scale for r in mine], [r.p_match for r in mine], marker="o", label=f"layer {layer}")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="multiplier", ylabel="p(matching answer), normalised", title=title, ylim=(0, 1))
+    ax.set(xlabel="scale", ylabel="p(matching answer), normalised", title=title, ylim=(0, 1))
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 
-def plot_heatmap(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "A/B score: layer x multiplier") -> Path:
+def plot_heatmap(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "A/B score: layer x scale") -> Path:
     layers = sorted({r.layer for r in rows})
-    mults = sorted({r.multiplier for r in rows})
+    mults = sorted({r.scale for r in rows})
     grid = torch.full((len(layers), len(mults)), float("nan"))
     for r in rows:
-        grid[layers.index(r.layer), mults.index(r.multiplier)] = r.p_match
+        grid[layers.index(r.layer), mults.index(r.scale)] = r.p_match
     fig, ax = subplots(figsize=(1.0 + 0.7 * len(mults), 1.2 + 0.3 * len(layers)))
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=1)
     ax.set_xticks(range(len(mults)), [f"{m:g}" for m in mults])
     ax.set_yticks(range(len(layers)), [str(la) for la in layers])
-    ax.set(xlabel="multiplier", ylabel="layer", title=title)
+    ax.set(xlabel="scale", ylabel="layer", title=title)
     fig.colorbar(image, ax=ax, label="p(match)")
     return _save(fig, path)
 
@@ -338,11 +338,11 @@ def plot_heatmap(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: st
 def plot_damage(rows: Sequence[DamageRow], path: str | os.PathLike) -> Path:
     fig, (left, right) = subplots(1, 2, figsize=(9, 3.6))
     for layer in sorted({r.layer for r in rows}):
-        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.multiplier)
-        left.plot([r.multiplier for r in mine], [r.delta_ce for r in mine], marker="o", label=f"layer {layer}")
-        right.plot([r.multiplier for r in mine], [r.kl for r in mine], marker="o", label=f"layer {layer}")
-    left.set(xlabel="multiplier", ylabel="Δ cross-entropy (nats)", title="damage on neutral text")
-    right.set(xlabel="multiplier", ylabel="KL(base || steered)", title="KL to the unsteered model")
+        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.scale)
+        left.plot([r.scale for r in mine], [r.delta_ce for r in mine], marker="o", label=f"layer {layer}")
+        right.plot([r.scale for r in mine], [r.kl for r in mine], marker="o", label=f"layer {layer}")
+    left.set(xlabel="scale", ylabel="Δ cross-entropy (nats)", title="damage on neutral text")
+    right.set(xlabel="scale", ylabel="KL(base || steered)", title="KL to the unsteered model")
     left.legend(fontsize=7)
     return _save(fig, path)
 
@@ -353,13 +353,13 @@ def _save(fig, path) -> Path:
 
 
 def sweep_summary(rows: Sequence[SweepRow]) -> dict:
-    """Per layer: the score at each multiplier and whether it moves monotonically with it."""
+    """Per layer: the score at each scale and whether it moves monotonically with it."""
     out = {}
     for layer in sorted({r.layer for r in rows}):
-        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.multiplier)
+        mine = sorted((r for r in rows if r.layer == layer), key=lambda r: r.scale)
         scores = [r.p_match for r in mine]
         rising = all(b > a for a, b in zip(scores, scores[1:]))
-        out[layer] = {"multipliers": [r.multiplier for r in mine], "p_match": scores, "monotonic": rising,
+        out[layer] = {"scales": [r.scale for r in mine], "p_match": scores, "monotonic": rising,
                       "spread": max(scores) - min(scores)}
     return out
 
