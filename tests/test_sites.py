@@ -36,3 +36,29 @@ def test_site_order_follows_forward_pass():
     assert [s.name for s in ordered] == ["hook_embed", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post",
                                          "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre",
                                          "ln_final.hook_normalized"]
+
+
+def test_every_layer_check_gives_the_same_message():
+    """Sites, steering vectors, extraction and analysis resolve layers through one function."""
+    import torch
+
+    import interplab
+    from interplab.analysis.components import parse_layers
+    from interplab.steering.extract import check_layers
+    from interplab.steering.vector import SteeringVector
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")
+    expected = "layer 30 is out of range: LlamaForCausalLM has 3 blocks (valid 0..2 or -3..-1)"
+    vector = SteeringVector({0: torch.ones(32)}, site="hook_resid_post")
+    attempts = [
+        lambda: model.site("blocks.30.hook_resid_post"),
+        lambda: interplab.capture(model, "blocks.30.hook_resid_post", "the cat"),
+        lambda: vector.apply(model, layers=[30]),
+        lambda: check_layers(model, [30]),
+        lambda: parse_layers(model, [30]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ValueError) as caught:
+            attempt()
+        assert str(caught.value) == expected

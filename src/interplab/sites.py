@@ -22,6 +22,8 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from interplab.errors import UserInputError
+
 BLOCK_KINDS = (
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
     "attn.hook_z", "attn.hook_pattern", "mlp.hook_post",
@@ -70,8 +72,9 @@ class Site:
         return self.name
 
 
-def parse_site(name: "str | Site", n_layers: int, *, parallel: bool = False) -> Site:
-    """Parse and check a site name for a model with `n_layers` blocks."""
+def parse_site(name: "str | Site", n_layers: int, *, parallel: bool = False,
+               model_name: str = "the model") -> Site:
+    """Parse and check a site name for a model (called `model_name` in errors) with `n_layers` blocks."""
     if isinstance(name, Site):
         name = name.name
     if not isinstance(name, str):
@@ -81,18 +84,39 @@ def parse_site(name: "str | Site", n_layers: int, *, parallel: bool = False) -> 
     match = _BLOCK_RE.match(name)
     if match is None or match.group(2) not in BLOCK_KINDS:
         raise ValueError(_unknown_site_message(name, n_layers))
-    layer, kind = int(match.group(1)), match.group(2)
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(
-            f"layer {layer} is out of range in site {name!r}: the model has {n_layers} blocks "
-            f"(valid 0..{n_layers - 1} or -{n_layers}..-1)"
-        )
+    layer, kind = check_layer(int(match.group(1)), n_layers, model_name), match.group(2)
     if kind == "hook_resid_mid" and parallel:
         raise ValueError(
             f"site {name!r} does not exist in this architecture: attention and MLP run in parallel, "
             "so there is no residual between them. Use hook_resid_pre, hook_attn_out or hook_mlp_out."
         )
-    return Site(layer % n_layers, kind)
+    return Site(layer, kind)
+
+
+def check_layer(layer, n_layers: int, model_name: str = "the model") -> int:
+    """A block index (negative: from the end) as a non-negative int, or the one error message
+    every part of interplab gives: "layer 30 is out of range: X has 28 blocks (valid 0..27 or -28..-1)"."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise UserInputError(f"a layer is a block index (an int), got {layer!r}")
+    if not -n_layers <= layer < n_layers:
+        raise UserInputError(f"layer {layer} is out of range: {model_name} has {n_layers} blocks "
+                             f"(valid 0..{n_layers - 1} or -{n_layers}..-1)")
+    return layer % n_layers
+
+
+def resolve_layers(model, layers) -> list[int]:
+    """None: every block; an int or a list of ints (negative: from the end), checked and without
+    repeats, in the order given."""
+    name, n = type(model.hf).__name__, model.n_layers
+    if layers is None:
+        return list(range(n))
+    wanted = [layers] if isinstance(layers, int) else layers
+    if isinstance(wanted, (str, bytes)) or not hasattr(wanted, "__iter__"):
+        raise UserInputError(f"layers must be an int or a list of ints, got {layers!r}")
+    out = [check_layer(layer, n, name) for layer in wanted]
+    if not out:
+        raise UserInputError("no layers given: name at least one block index")
+    return list(dict.fromkeys(out))
 
 
 def all_site_names(n_layers: int, *, parallel: bool = False) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from interplab.models.handle import LoadedModel
-from interplab.sites import Site
+from interplab.sites import Site, check_layer
 
 _PATTERNS = (
     (re.compile(r"^L(-?\d+)H(\d+)$"), "attn.hook_z"),
@@ -105,12 +105,7 @@ def parse_layers(model: LoadedModel, layers) -> list[int]:
         layers = _layer_text(layers)
     if isinstance(layers, int):
         layers = [layers]
-    out = []
-    for layer in layers:
-        if not isinstance(layer, int) or not -n <= layer < n:
-            raise ValueError(f"layer {layer!r} is out of range: {model.model_id} has {n} blocks "
-                             f"(valid 0..{n - 1} or -{n}..-1)")
-        out.append(layer % n)
+    out = [check_layer(layer, n, type(model.hf).__name__) for layer in layers]
     if not out:
         raise ValueError("no layers selected")
     return list(dict.fromkeys(out))

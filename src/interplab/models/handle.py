@@ -111,7 +111,7 @@ class LoadedModel:
         """Parse and check a site name against this model (see `interplab.sites`)."""
         from interplab.sites import parse_site
 
-        return parse_site(name, self.n_layers, parallel=self.arch.parallel)
+        return parse_site(name, self.n_layers, parallel=self.arch.parallel, model_name=type(self.hf).__name__)
 
     def site_names(self) -> list[str]:
         from interplab.sites import all_site_names

@@ -39,6 +39,7 @@ from interplab.models.handle import LoadedModel, as_loaded
 from interplab.progress import progress as progress_items
 from interplab.steering.datasets import ContrastDataset, ContrastPair
 from interplab.steering.vector import STEERABLE_SITES, SteeringVector
+from interplab.sites import resolve_layers
 from interplab.tokens import check_context
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic")
@@ -367,21 +368,7 @@ def actadd_vector(model, positive: str, negative: str, *, layers=None, site: str
 
 def check_layers(model: LoadedModel, layers) -> list[int]:
     """Normalise layers (None = all; negatives count from the end) or explain what is valid."""
-    n = model.n_layers
-    if layers is None:
-        return list(range(n))
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    if not wanted:
-        raise ValueError("no layers given: name at least one block index")
-    out = []
-    for layer in wanted:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layers must be ints, got {layer!r}")
-        if not -n <= layer < n:
-            raise ValueError(f"layer {layer} is out of range: {type(model.hf).__name__} has {n} blocks "
-                             f"(valid 0..{n - 1} or -{n}..-1)")
-        out.append(layer % n)
-    return list(dict.fromkeys(out))
+    return resolve_layers(model, layers)
 
 
 def resolve_read(dataset: ContrastDataset, read: str) -> str:

@@ -40,6 +40,7 @@ from interplab.interventions import (Intervention, InterventionHandle, add_vecto
                                      check_number, intervene)
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions, as_positions
+from interplab.sites import check_layer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -230,13 +231,7 @@ class SteeringVector:
         wanted = [layers] if isinstance(layers, int) else list(layers)
         chosen = []
         for layer in wanted:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise TypeError(f"layers must be ints, got {layer!r}")
-            if not -model.n_layers <= layer < model.n_layers:
-                raise ValueError(f"layer {layer} is out of range: {type(model.hf).__name__} has "
-                                 f"{model.n_layers} blocks (valid 0..{model.n_layers - 1} or "
-                                 f"-{model.n_layers}..-1)")
-            layer %= model.n_layers
+            layer = check_layer(layer, model.n_layers, type(model.hf).__name__)
             if layer not in self.directions:
                 raise ValueError(f"layer {layer} is not in this vector; it has layers {self.layers}")
             chosen.append(layer)
