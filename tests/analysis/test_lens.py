@@ -24,8 +24,26 @@ def test_logit_lens_at_the_last_layer_equals_the_models_logits(any_model):
         top = cache.logits[b, :n].topk(3)
         assert torch.equal(result.top_ids[b, -1, :n], top.indices)
         probs = cache.logits[b, :n].softmax(-1)
-        torch.testing.assert_close(result.answer_prob[b, -1, :n], probs[:, answer], atol=1e-5, rtol=1e-4)
+        log_probs = cache.logits[b, :n].float().log_softmax(-1)
+        torch.testing.assert_close(result.answer_log_prob[b, -1, :n], log_probs[:, answer], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.top_log_probs[b, -1, :n], log_probs.topk(3).values, atol=1e-5, rtol=1e-4)
         assert torch.equal(result.answer_rank[b, -1, :n], (probs > probs[:, answer:answer + 1]).sum(-1))
+
+
+def test_lens_keeps_probabilities_that_float32_would_round_to_zero():
+    model = tiny_model("llama", seed=7)  # a private copy: its unembedding is sharpened below
+    with torch.no_grad():
+        model.unembed.weight.mul_(300.0)
+    result = logit_lens(model, TEXTS, answer="w5", top_k=3)
+    values = result.answer_log_prob[0]  # (rows, seq): every layer, every position of prompt 0
+    assert torch.isfinite(values).all()
+    assert float(values.min()) < -110  # exp() of this is 0 in float32: a probability would say 0
+    assert float(values.min().exp()) == 0.0
+    last = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    cache = capture(model, last, TEXTS[0], logits=True)
+    answer = model.tokenizer.convert_tokens_to_ids("w5")
+    torch.testing.assert_close(values[-1], cache.logits[0].float().log_softmax(-1)[:, answer], atol=1e-3, rtol=1e-5)
+    assert result.grid(0, "answer_log_prob").values.shape == (model.n_layers + 1, 5)
 
 
 def test_lens_grid_and_annotations(llama):

@@ -44,12 +44,13 @@ class LensResult:
     """Read-out points: "embed" (block 0's input), then "L0".."L{n-1}" (each block's output)."""
     top_ids: Tensor
     """(batch, rows, seq, k) most likely next tokens."""
-    top_probs: Tensor
-    """(batch, rows, seq, k) their probabilities."""
+    top_log_probs: Tensor
+    """(batch, rows, seq, k) their log-probabilities (natural log; float32 probabilities would
+    underflow to 0 at early layers, where the lens is far from confident)."""
     top_tokens: list
     """top_ids as strings, nested like top_ids."""
-    answer_prob: Tensor | None = None
-    """(batch, rows, seq) probability of each prompt's answer token, when an answer was given."""
+    answer_log_prob: Tensor | None = None
+    """(batch, rows, seq) log-probability of each prompt's answer token, when an answer was given."""
     answer_rank: Tensor | None = None
     """(batch, rows, seq) rank of the answer (0: the lens's top token)."""
     answers: list[str] | None = None
@@ -57,20 +58,20 @@ class LensResult:
     def __repr__(self) -> str:
         answer = f", answers {self.answers[:3]!r}{'...' if len(self.answers) > 3 else ''}" if self.answers else ""
         return (f"LensResult({len(self.tokens)} prompts x {len(self.rows)} read-outs{answer}; "
-                ".grid(prompt, 'answer_prob' | 'answer_rank' | 'top_prob') to plot or save)")
+                ".grid(prompt, 'answer_log_prob' | 'answer_rank' | 'top_log_prob') to plot or save)")
 
-    def grid(self, prompt: int = 0, value: str = "answer_prob") -> Grid:
-        """rows x positions of one prompt: "answer_prob", "answer_rank" or "top_prob"."""
+    def grid(self, prompt: int = 0, value: str = "answer_log_prob") -> Grid:
+        """rows x positions of one prompt: "answer_log_prob", "answer_rank" or "top_log_prob"."""
         n = len(self.tokens[prompt])
-        if value == "top_prob":
-            values = self.top_probs[prompt, :, :n, 0]
-        elif value in ("answer_prob", "answer_rank") and self.answer_prob is not None:
+        if value == "top_log_prob":
+            values = self.top_log_probs[prompt, :, :n, 0]
+        elif value in ("answer_log_prob", "answer_rank") and self.answer_log_prob is not None:
             values = getattr(self, value)[prompt, :, :n].float()
         else:
-            raise ValueError(f"value must be 'top_prob', or 'answer_prob'/'answer_rank' when an answer was "
-                             f"given; got {value!r}")
+            raise ValueError(f"value must be 'top_log_prob', or 'answer_log_prob'/'answer_rank' when an "
+                             f"answer was given; got {value!r}")
         cols = [f"{p} {t}" for p, t in enumerate(self.tokens[prompt])]
-        what = value.replace("_", " ") + (f" of {self.answers[prompt]!r}" if value != "top_prob" else "")
+        what = value.replace("_", " ") + (f" of {self.answers[prompt]!r}" if value != "top_log_prob" else "")
         return Grid(values, list(self.rows), cols, title=f"logit lens: {what}", value_name=value)
 
     def top_token_table(self, prompt: int = 0) -> list[list[str]]:
@@ -98,7 +99,7 @@ class LensResult:
 
 def logit_lens(model, prompts: str | Sequence[str], *, answer: str | Sequence[str] | None = None,
                top_k: int = 5, batch_size: int = 8) -> LensResult:
-    """The top-k tokens, and the answer's probability and rank, at every layer and position.
+    """The top-k tokens, and the answer's log-probability and rank, at every layer and position.
 
     `answer`: one word (for all prompts) or one per prompt; it must be a single token.
     """
@@ -120,7 +121,7 @@ def logit_lens(model, prompts: str | Sequence[str], *, answer: str | Sequence[st
     texts = dict(zip(unique, token_texts(tokenizer, unique)))  # decode each distinct id once
     top_tokens = [[[[texts[i] for i in cell] for cell in row] for row in prompt] for prompt in merged["top_ids"].tolist()]
     return LensResult(tokens, ["embed"] + [f"L{i}" for i in range(model.n_layers)], merged["top_ids"],
-                      merged["top_probs"], top_tokens, merged.get("answer_prob"), merged.get("answer_rank"), answers)
+                      merged["top_log_probs"], top_tokens, merged.get("answer_log_prob"), merged.get("answer_rank"), answers)
 
 
 def _answers(answer, n: int) -> list[str] | None:
@@ -136,15 +137,15 @@ def _lens_batch(model: LoadedModel, texts: list[str], sites: list[str], top_k: i
     cache = capture(model, sites, texts, padding_side="right", device="cpu")  # assembled on the CPU below
     lengths = cache.attention_mask.sum(-1)
     tokenizer = model.require_tokenizer()
-    out: dict[str, list] = {"top_ids": [], "top_probs": [], "answer_prob": [], "answer_rank": []}
+    out: dict[str, list] = {"top_ids": [], "top_log_probs": [], "answer_log_prob": [], "answer_rank": []}
     for site in sites:
         log_probs = lens_logits(model, cache[site]).float().log_softmax(-1)  # (batch, seq, vocab)
         top = log_probs.topk(top_k, dim=-1)
         out["top_ids"].append(top.indices)
-        out["top_probs"].append(top.values.exp())
+        out["top_log_probs"].append(top.values)
         if answer_ids is not None:
             target = log_probs[..., answer_ids.tolist()].diagonal(dim1=0, dim2=2).permute(1, 0)  # (batch, seq)
-            out["answer_prob"].append(target.exp())
+            out["answer_log_prob"].append(target)
             out["answer_rank"].append((log_probs > target[..., None]).sum(-1))
     result = {key: torch.stack(values, dim=1) for key, values in out.items() if values}  # (batch, rows, seq, ...)
     result["tokens"] = [token_texts(tokenizer, cache.input_ids[b, : lengths[b]].tolist())

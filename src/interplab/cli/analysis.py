@@ -200,13 +200,13 @@ def lens(
     prompts = list(prompt) if prompt else list(the_task.clean)
     answers = answer if prompt else list(the_task.correct)
     result = logit_lens(handle, prompts, answer=answers, top_k=top_k)
-    value = "answer_prob" if answers is not None else "top_prob"
+    value = "answer_log_prob" if answers is not None else "top_log_prob"
     grid = result.grid(0, value)
     paths = grid.save(out, "lens", plot=False)
     paths["png"] = heatmap(grid, out / "lens.png", annotate=result.top_token_table(0))
     write_json(out / "lens_top_tokens.json", {"rows": result.rows, "tokens": result.tokens,
                                                "top_tokens": result.top_tokens,
-                                               "top_probs": result.top_probs.tolist()})
+                                               "top_log_probs": result.top_log_probs.tolist()})
     _print_lens(result)
     if the_task is not None:
         dla = direct_logit_attribution(handle, the_task)
@@ -344,13 +344,13 @@ def _print_lens(result) -> None:
 
     table = Table(title=f"logit lens, prompt 0, last position (answer {result.answers[0]!r})" if result.answers
                   else "logit lens, prompt 0, last position")
-    for column in ("layer", "top tokens", "answer p", "answer rank"):
+    for column in ("layer", "top tokens (log p)", "answer log p", "answer rank"):
         table.add_column(column)
     last = len(result.tokens[0]) - 1
     for r, row in enumerate(result.rows):
         tops = ", ".join(f"{t!r} {p:.2f}" for t, p in zip(result.top_tokens[0][r][last][:3],
-                                                             result.top_probs[0, r, last, :3].tolist()))
-        p = "" if result.answer_prob is None else f"{float(result.answer_prob[0, r, last]):.3f}"
+                                                             result.top_log_probs[0, r, last, :3].tolist()))
+        p = "" if result.answer_log_prob is None else f"{float(result.answer_log_prob[0, r, last]):.3f}"
         rank = "" if result.answer_rank is None else str(int(result.answer_rank[0, r, last]))
         table.add_row(row, tops, p, rank)
     Console().print(table)
