@@ -40,6 +40,8 @@ def test_residual_grid_is_exact_at_layer_0_and_position_dependent(llama):
     # resid_pre of block 0 differs only at the changed word: patching it there recovers all, elsewhere nothing
     assert grid.values[0, 3] == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(grid.values[0, [0, 1, 2, 4, 5]], torch.zeros(5), atol=1e-6)
+    # every prompt has other words at each position; only the mark X sits at 3 in all of them
+    assert grid.col_labels == ["0 (varies)", "1 (varies)", "2 (varies)", "3 X", "4 (varies)", "5 (varies)"]
     marks = patch_residual(llama, task, layers=[0, 2], positions="marks", kind="hook_resid_post")
     assert marks.col_labels == ["X", "end"]
     assert marks.cell("L2.resid_post", "end") == pytest.approx(1.0, abs=1e-5)  # the last block's output at the end
@@ -160,3 +162,18 @@ def test_prefix_reuse_equals_running_every_token(any_model):
     slow = run_cells(any_model, ids, mask, last, setup.sources, cells, setup.enc.score, cells_per_forward=4,
                      reuse_prefix=False)
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
+
+
+def test_position_columns_say_what_they_hold_in_every_prompt(llama):
+    same = Task(clean=["the cat sat on the mat", "the dog sat on the mat ."],
+                corrupted=["the cat sat on a mat", "the dog sat on a mat ."],
+                correct=["w5", "w6"], incorrect=["w7", "w8"], name="labels")
+    grid = patch_residual(llama, same, layers=[0], positions=None)
+    # labels name the patched (corrupted) run: token 1 differs (cat/dog), the rest agree; the 7th
+    # position exists in one prompt of two
+    assert grid.col_labels == ["0 the", "1 (varies)", "2 sat", "3 on", "4 a", "5 mat", "6 . [1/2]"]
+    swapped = Task(clean=["w4 w5 w6 w7", "w5 w4 w6 w7"], corrupted=["w4 w5 w9 w7", "w5 w4 w9 w7"],
+                   correct=["w10", "w11"], incorrect=["w12", "w13"], marks={"A": [0, 3], "B": [3, 0]},
+                   name="marks")
+    grid = patch_residual(llama, swapped, layers=[0], positions=None)
+    assert grid.col_labels == ["0 A/B", "1 A/B", "2 w9", "3 w7"]  # marks are character offsets

@@ -111,16 +111,20 @@ def _align(source: Tensor, mapping: Tensor) -> Tensor:
 def position_columns(setup: PatchSetup, positions) -> list[tuple[str, Tensor | None]]:
     """Grid columns as (label, per-prompt position or None for all positions).
 
-    None: every position (labelled with the first prompt's tokens); "all": one column patching
-    every position at once; "marks": each named mark (e.g. IO, S1, S2, end); or a list of ints
-    and mark names.
+    `positions` (which tokens each column patches):
+    None: one column per absolute position p (token p of every prompt). Its label says what p
+    is in every prompt: the token when all prompts have the same one there ("4 gave"), else the
+    marks found there ("2 IO/S1"), else "(varies)"; "[k/n]" when only k of the n prompts are
+    that long. "all": one column patching every position at once. "marks": one column per mark.
+    A list of ints (absolute positions; negative counts from each prompt's end) and mark names.
+
+    Marks are named token positions that a task records for each prompt (`Task.marks`, e.g.
+    IOI's IO, S1, S2, plus "end", the last token); a mark column patches each prompt at its own
+    position of that mark, so it means the same thing in every row even when templates differ.
     """
     enc, run = setup.enc, setup.run
     if positions is None:
-        ids, mask = enc.run(run)
-        tokens = token_texts(setup.model.require_tokenizer(), ids[0].tolist())
-        width = int(mask.sum(-1).max())
-        return [(f"{p} {_clean_token(tokens[p])}", torch.full((len(enc),), p)) for p in range(width)]
+        return [(label, torch.full((len(enc),), p)) for p, label in enumerate(position_labels(setup))]
     if positions == "all":
         return [("all", None)]
     if positions == "marks":
@@ -128,6 +132,29 @@ def position_columns(setup: PatchSetup, positions) -> list[tuple[str, Tensor | N
     if isinstance(positions, (int, str)):
         positions = [positions]
     return [(str(p), position_selector(enc, run, p)) for p in positions]
+
+
+def position_labels(setup: PatchSetup) -> list[str]:
+    """One label per absolute position of the patched run (see `position_columns`)."""
+    ids, mask = setup.enc.run(setup.run)
+    tokenizer = setup.model.require_tokenizer()
+    lengths = mask.sum(-1).tolist()
+    marks = setup.enc.marks(setup.run)
+    rows = [token_texts(tokenizer, ids[b, :n].tolist()) for b, n in enumerate(lengths)]
+    labels = []
+    for p in range(max(lengths)):
+        present = [b for b, n in enumerate(lengths) if p < n]
+        tokens = {rows[b][p] for b in present}
+        names = [name for name, where in marks.items() if name != "end" and any(int(where[b]) == p for b in present)]
+        if len(tokens) == 1:
+            what = _clean_token(tokens.pop())
+        elif names and all(any(int(marks[name][b]) == p for name in names) for b in present):
+            what = "/".join(names)
+        else:
+            what = "(varies)"
+        share = "" if len(present) == len(lengths) else f" [{len(present)}/{len(lengths)}]"
+        labels.append(f"{p} {what}{share}")
+    return labels
 
 
 def _clean_token(token: str) -> str:
