@@ -68,3 +68,20 @@ def test_unknown_mode_lists_the_valid_ones():
         Positions("all", start=2)
     with pytest.raises(ValueError, match="must be ints"):
         Positions.at(True)
+
+
+def test_after_a_marker_is_found_in_each_rows_prompt():
+    # row 0: tokens 5 7 8 9 (marker 7 8 ends at position 2); row 1: pad pad 7 8 (ends at 1)
+    prompt_ids = torch.tensor([[5, 7, 8, 9, 0, 0], [0, 0, 7, 8, 0, 0]])
+    prompt_positions = torch.tensor([[0, 1, 2, 3, -1, -1], [-1, -1, 0, 1, -1, -1]])
+    spec = Positions.after((7, 8))
+    mask = spec.mask(POSITIONS, PROMPT_LEN, prompt_ids, prompt_positions)
+    got = [[int(p) for p, m in zip(row, keep) if m] for row, keep in zip(POSITIONS, mask)]
+    assert got == [[3, 4, 5], [2, 3]]
+    back = Positions.after((7, 8), -2).mask(POSITIONS, PROMPT_LEN, prompt_ids, prompt_positions)
+    assert [[int(p) for p, m in zip(row, keep) if m] for row, keep in zip(POSITIONS, back)] == \
+        [[1, 2, 3, 4, 5], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match=r"row 1 does not contain the token sequence \[9\]"):
+        Positions.after((9,)).mask(POSITIONS, PROMPT_LEN, prompt_ids, prompt_positions)
+    with pytest.raises(ValueError, match="token ids"):
+        spec.mask(POSITIONS, PROMPT_LEN)

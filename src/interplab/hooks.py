@@ -50,10 +50,13 @@ class PositionTracker:
     def __init__(self) -> None:
         self.positions: Tensor | None = None  # (batch, seq) long, -1 on padding
         self.prompt_len: Tensor | None = None  # (batch,) real tokens in the current prompt
+        self.prompt_ids: Tensor | None = None  # (batch, seq) the current prompt's input
+        self.prompt_positions: Tensor | None = None  # (batch, seq) its absolute positions
         self._last_input: Tensor | None = None
 
     def reset(self) -> None:
         self.positions = self.prompt_len = self._last_input = None
+        self.prompt_ids = self.prompt_positions = None
 
     def on_forward(self, module, args, kwargs) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -71,6 +74,7 @@ class PositionTracker:
             positions = (torch.arange(seq, device=tokens.device) + past).expand(batch, seq)
         if not self._continues(tokens, kwargs):
             self.prompt_len = (positions >= 0).sum(-1)
+            self.prompt_ids, self.prompt_positions = tokens.detach(), positions
         self.positions = positions
 
     def _continues(self, tokens: Tensor, kwargs) -> bool:
@@ -120,7 +124,9 @@ class HookContext:
 
     def mask(self, act: Tensor, positions: Positions | None = None) -> Tensor:
         """(batch, seq) bool: which tokens of `act` the position spec selects."""
-        return as_positions(positions).mask(self.positions(act), self.prompt_len(act))
+        tracker = self.tracker
+        return as_positions(positions).mask(self.positions(act), self.prompt_len(act),
+                                            tracker.prompt_ids, tracker.prompt_positions)
 
 
 # --- sessions --------------------------------------------------------------------------------

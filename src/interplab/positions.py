@@ -17,7 +17,7 @@ from torch import Tensor
 
 from interplab.errors import UserInputError
 
-MODES = ("all", "prompt", "generated", "range", "at")
+MODES = ("all", "prompt", "generated", "range", "at", "after")
 """The kinds of selection a `Positions` value can be."""
 NAMED = ("all", "prompt", "generated")
 """The modes a string shorthand may name."""
@@ -27,7 +27,11 @@ NAMED = ("all", "prompt", "generated")
 class Positions:
     """A set of absolute positions. Build with the class methods, or pass a shorthand:
     None/"all", "prompt", "generated", an int, a slice, or a list of ints. Negative
-    indices count back from the end of the prompt (-1 is the last prompt token)."""
+    indices count back from the end of the prompt (-1 is the last prompt token).
+
+    Mode "after" (`Positions.after(marker)`) is anchored in each row's prompt instead: `indices`
+    holds a token sequence, and the selection starts `start` tokens after the end of its last
+    occurrence in the row's prompt (0: the first token after it), whatever follows it."""
 
     mode: str = "all"
     start: int | None = None
@@ -46,10 +50,12 @@ class Positions:
             raise UserInputError(f"Positions indices must be a tuple of ints, got {self.indices!r}")
         if self.mode == "at" and not self.indices:
             raise UserInputError("Positions.at() needs at least one position")
-        if self.mode != "range" and (self.start is not None or self.stop is not None):
+        if self.mode == "after" and (not self.indices or self.start is None or self.stop is not None):
+            raise UserInputError("Positions.after() needs a non-empty token sequence and an int offset")
+        if self.mode not in ("range", "after") and (self.start is not None or self.stop is not None):
             raise UserInputError(f"start/stop only apply to mode 'range', not {self.mode!r}")
-        if self.mode != "at" and self.indices:
-            raise UserInputError(f"indices only apply to mode 'at', not {self.mode!r}")
+        if self.mode not in ("at", "after") and self.indices:
+            raise UserInputError(f"indices only apply to modes 'at' and 'after', not {self.mode!r}")
 
     @classmethod
     def all(cls) -> "Positions":
@@ -87,11 +93,23 @@ class Positions:
                 raise UserInputError(f"positions must be ints, got {i!r}")
         return cls("at", indices=tuple(int(i) for i in indices))
 
-    def mask(self, positions: Int[Tensor, "batch seq"], prompt_len: Int[Tensor, "batch"]
-             ) -> Bool[Tensor, "batch seq"]:
-        """True where this spec selects the token; padding (position -1) is never selected."""
+    @classmethod
+    def after(cls, marker: "tuple[int, ...] | list[int]", offset: int = 0) -> "Positions":
+        """From `offset` tokens after the last occurrence of the token sequence `marker` in each
+        row's prompt onward (e.g. the chat template's assistant header: text appended after it
+        does not move the start). A row whose prompt lacks the marker is an error."""
+        return cls("after", offset, None, tuple(marker))
+
+    def mask(self, positions: Int[Tensor, "batch seq"], prompt_len: Int[Tensor, "batch"],
+             prompt_ids: Int[Tensor, "batch prompt"] | None = None,
+             prompt_positions: Int[Tensor, "batch prompt"] | None = None) -> Bool[Tensor, "batch seq"]:
+        """True where this spec selects the token; padding (position -1) is never selected.
+        Mode "after" also needs the prompt's token ids and their absolute positions."""
         real = positions >= 0
         plen = prompt_len[:, None]
+        if self.mode == "after":
+            starts = _marker_ends(self.indices, prompt_ids, prompt_positions) + self.start
+            return real & (positions >= starts.to(positions.device)[:, None])
         if self.mode == "all":
             return real
         if self.mode == "prompt":
@@ -109,6 +127,27 @@ class Positions:
         for index in self.indices:
             selected |= positions == _absolute(index, plen)
         return selected & real
+
+
+def _marker_ends(marker: tuple[int, ...], ids: Tensor | None, positions: Tensor | None) -> Tensor:
+    """(batch,) absolute position just after the last occurrence of `marker` in each row."""
+    if ids is None or positions is None or ids.dim() != 2:
+        raise UserInputError("positions anchored on a token sequence need the prompt's token ids "
+                             "(inputs_embeds cannot be searched)")
+    ends = []
+    pattern = torch.tensor(marker, device=ids.device)
+    for row in range(ids.shape[0]):
+        real = positions[row] >= 0
+        tokens, where = ids[row][real], positions[row][real]
+        n = len(marker)
+        hits = [] if tokens.shape[0] < n else \
+            (tokens.unfold(0, n, 1) == pattern).all(-1).nonzero().flatten().tolist()
+        if not hits:
+            raise UserInputError(f"prompt row {row} does not contain the token sequence {list(marker)} "
+                                 "these positions are anchored on (for 'caa': the chat template's "
+                                 "assistant header); format the prompt with the model's chat template")
+        ends.append(int(where[hits[-1] + n - 1]) + 1)
+    return torch.tensor(ends)
 
 
 def _is_int(value) -> bool:

@@ -9,7 +9,8 @@ import torch
 import interplab
 from interplab import Positions
 from interplab.steering.vector import SteeringVector, load_vector
-from tests.helpers import hook_count, logits, random_ids
+from tests.helpers import BASELINE_HOOKS, hook_count, logits, random_ids
+from tests.tiny import tiny_model
 
 
 def vec(seed=0, layers=(0, 1), d=32, **meta):
@@ -219,3 +220,56 @@ def test_load_errors(tmp_path):
     (tmp_path / "v" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format_version 99.*upgrade"):
         load_vector(tmp_path / "v")
+
+
+def _chat_llama():
+    """The tiny llama with a word-level chat template: "w1 <message> w2 w3" then header "w4 w5"."""
+    import copy
+
+    from interplab.models.handle import LoadedModel
+
+    base = tiny_model("llama")
+    tok = copy.deepcopy(base.tokenizer)
+    tok.chat_template = ("{% for m in messages %}w1 {{ m['content'] }} w2 w3{% endfor %}"
+                         "{% if add_generation_prompt %} w4 w5 {% endif %}")
+    model = LoadedModel.wrap(base.hf, tok)
+    model.name = "tiny-chat"
+    return model
+
+
+def _steered_positions(model, texts, positions):
+    site = "blocks.1.hook_resid_post"
+    batch = model.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = batch["input_ids"].tolist()
+    rows = [[t for t, m in zip(r, mask) if m] for r, mask in zip(ids, batch["attention_mask"].tolist())]
+    base = interplab.capture(model, site, rows, padding_side="left")
+    with vec(0, layers=(1,)).apply(model, scale=1.0, positions=positions):
+        new = interplab.capture(model, site, rows, padding_side="left")
+    changed = (new.by_position(site) - base.by_position(site)).abs().amax(-1) > 1e-6
+    return [[i for i, c in enumerate(row[:len(r)]) if c] for row, r in zip(changed.tolist(), rows)]
+
+
+def test_caa_starts_after_the_chat_template_whatever_is_appended():
+    from interplab.generation import format_prompt
+    from interplab.steering.evaluate import ab_positions
+    from interplab.steering.vector import caa_positions
+
+    model = _chat_llama()
+    header = tuple(model.tokenizer.convert_tokens_to_ids(["w2", "w3", "w4", "w5"]))
+    assert caa_positions(model) == Positions.after(header, 0)  # the paper's rule is the default
+    assert caa_positions(model, "caa_tail") == Positions.after(header, -4)
+    assert ab_positions(model) == caa_positions(model)
+    short, long = format_prompt(model, "w10"), format_prompt(model, "w10 w11 w12")  # "w1 .. w2 w3 w4 w5 "
+    # nothing of the prompt itself is steered; appended tokens are, in rows of different lengths
+    assert _steered_positions(model, [short, long], "caa") == [[], []]
+    assert _steered_positions(model, [short + "w20 w21", long + "w20"], "caa") == [[6, 7], [8]]
+    # "caa_tail" adds the template's closing and header (positions of w2 w3 w4 w5)
+    assert _steered_positions(model, [short + "w20 w21", long + "w20"], "caa_tail") == \
+        [[2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8]]
+
+
+def test_caa_refuses_a_prompt_without_the_template():
+    model = _chat_llama()
+    with pytest.raises(ValueError, match="does not contain the token sequence"):
+        _steered_positions(model, ["the cat sat"], "caa")
+    assert hook_count(model) == BASELINE_HOOKS["llama"]

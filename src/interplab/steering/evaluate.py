@@ -3,8 +3,8 @@
 - A/B behaviour score (CAA; Panickssery et al. 2024): for each held-out A/B item the
   prompt is the (chat-formatted) question followed by "(", and the score is
   p(matching letter) / (p(A) + p(B)) at the next token, averaged over items, for every
-  (layer, scale) of a sweep. The vector is added from the end of the instruction on
-  (positions="caa"), as CAA does.
+  (layer, scale) of a sweep. The vector is added from the "(" before the answer letter on
+  (positions="caa", after the chat template), as CAA's code does.
 - Damage: the rise in next-token cross-entropy on neutral text, and the KL divergence
   KL(p_base || p_steered) averaged over tokens, at each scale, so that behaviour
   change is always reported beside its cost.
@@ -31,10 +31,10 @@ from interplab.errors import UserInputError
 from interplab.figures import save_png, subplots
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions
-from interplab.scoring import kl_divergence, log_probs, masked_mean, next_token_nll
 from interplab.progress import progress as _progress_items
+from interplab.scoring import kl_divergence, log_probs, masked_mean, next_token_nll
 from interplab.steering.datasets import ContrastDataset
-from interplab.steering.vector import SteeringVector, instruction_tail_tokens
+from interplab.steering.vector import CAA_RULES, SteeringVector, caa_positions
 
 NEUTRAL_TEXTS = (
     "The library opens at nine in the morning and closes at six in the evening on weekdays.",
@@ -87,7 +87,7 @@ def ab_sweep(model, vector: SteeringVector, dataset: ContrastDataset, *, layers=
     layers = vector.layers if layers is None else vector._chosen_layers(model, layers)
     vector.check_model(model)
     prompts = ab_prompts(model, dataset, chat)
-    resolved = ab_positions(model, chat) if positions == "caa" else positions
+    resolved = ab_positions(model, chat, positions) if positions in CAA_RULES else positions
     baseline = None
     rows = []
     cells = [(layer, m) for layer in layers for m in scales]
@@ -132,9 +132,11 @@ def ab_prompts(model: LoadedModel, dataset: ContrastDataset, chat: bool | None =
     return ABPrompts(texts, letters, templated)
 
 
-def ab_positions(model: LoadedModel, chat: bool | None = None) -> Positions:
-    """From the first token after the user's question (template tail and "(") onward."""
-    return Positions.from_(-instruction_tail_tokens(model, chat, suffix="("))
+def ab_positions(model: LoadedModel, chat: bool | None = None, rule: str = "caa") -> Positions:
+    """Where an A/B prompt is steered: "caa" (default), from the "(" before the answer letter
+    on (the first token after the chat template); "caa_tail", from the end of the question on.
+    See `interplab.steering.vector.caa_positions`."""
+    return caa_positions(model, rule, chat)
 
 
 def ab_scores(model: LoadedModel, prompts: ABPrompts, *, batch_size: int = 16,

@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "vectors.safetensors"
 STEERABLE_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-POSITION_CHOICES = ("all", "caa", "actadd")
+POSITION_CHOICES = ("all", "caa", "caa_tail", "actadd")
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,10 +191,11 @@ class SteeringVector:
         """Add `scale * v_L` at `blocks.L.<site>` for each chosen layer; returns the handle
         (a context manager; or call `.remove()`).
 
-        positions: "all" (default; every token), "caa" (from the end of the instruction on:
-        the chat template's tail after the user's message, then every generated token;
-        Panickssery et al. 2024), "actadd" (ActAdd vectors: row p at position p;
-        Turner et al. 2023), or any `Positions` value / shorthand.
+        positions: "all" (default; every token), "caa" (the paper's rule: from the first token
+        after the chat template's assistant header on, then every generated token; Panickssery
+        et al. 2024), "caa_tail" (from the end of the user's message on, template tail
+        included; see `caa_positions`), "actadd" (ActAdd vectors: row p at position p;
+        Turner et al. 2023), or any foundation `Positions` value / shorthand.
         norm_preserving: rescale each steered residual to the norm it had before.
         """
         model = as_loaded(model)
@@ -328,34 +329,64 @@ class AddAligned(Intervention):
 
 # --- positions --------------------------------------------------------------------------------
 
+CAA_RULES = ("caa", "caa_tail")
+"""Where CAA steering starts (see `caa_positions`)."""
+
+
 def resolve_positions(model, positions) -> Positions:
-    """Turn "all" / "caa" / a Positions shorthand into `Positions` for a plain vector."""
+    """Turn "all" / "caa" / "caa_tail" / a Positions shorthand into `Positions` for a plain vector."""
     if positions is None or positions == "all":
         return Positions.all()
-    if positions == "caa":
-        return Positions.from_(-instruction_tail_tokens(as_loaded(model)))
+    if positions in CAA_RULES:
+        return caa_positions(as_loaded(model), positions)
     if positions == "actadd":
         raise ValueError("positions='actadd' needs a position-aligned vector (from actadd pairs); for a "
                          "plain vector use Positions.first(n) to add it at the first n positions")
     return as_positions(positions)
 
 
-def instruction_tail_tokens(model: LoadedModel, chat: bool | None = None, suffix: str = "") -> int:
-    """Tokens from the end of the user's message to the end of a chat-formatted prompt
-    (the template's closing and the assistant header), plus `suffix`; 1 without a template
-    (then "caa" steers the last prompt token and everything generated)."""
+def caa_positions(model: LoadedModel, rule: str = "caa", chat: bool | None = None) -> Positions:
+    """Where CAA steering starts in a chat-formatted prompt, found in each row's own tokens.
+
+    "caa" (the default; the paper's rule): from the first token after the chat template's
+    assistant header onward, as CAA's code does (Panickssery et al. 2024 steer every position
+    after the end of the instruction, "[/INST]"): in an A/B prompt that is the "(" before the
+    answer letter, then every generated token. It is the default because it is the published
+    method, and because it steers only tokens the vector was read at (answer tokens), not the
+    template. "caa_tail": from the first token after the user's message, i.e. the template's
+    closing and assistant header too (interplab's rule before 0.2).
+
+    Both are anchored on the last occurrence of the header's tokens in each prompt, so text
+    appended after the template (an answer prefix such as "(") does not move the start.
+    Without a chat template there is no header: both steer from the last prompt token on.
+    """
+    if rule not in CAA_RULES:
+        raise ValueError(f"rule must be one of {', '.join(CAA_RULES)}, got {rule!r}")
+    header = chat_header_ids(model, chat)
+    if header is None:
+        return Positions.from_(-1)
+    return Positions.after(header, 0 if rule == "caa" else -len(header))
+
+
+def chat_header_ids(model: LoadedModel, chat: bool | None = None) -> tuple[int, ...] | None:
+    """Token ids the chat template puts between the user's message and the assistant's answer
+    (its closing and the assistant header), as tokenised in context; None without a template."""
     from interplab.generation import format_prompt, has_chat_template
 
     use_chat = has_chat_template(model) if chat is None else chat
-    tokenizer = model.require_tokenizer()
     if not use_chat:
-        return 1 + (len(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0)
+        return None
+    tokenizer = model.require_tokenizer()
     marker = "Is it hot?"
-    full = format_prompt(model, marker, chat=True) + suffix
+    full = format_prompt(model, marker, chat=True)
     head = full[: full.index(marker) + len(marker)]
-    n_full = len(tokenizer(full, add_special_tokens=False)["input_ids"])
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-    return max(n_full - n_head, 1)
+    header = tuple(full_ids[n_head:])
+    if not header:
+        raise ValueError(f"the chat template of {model.model_id} adds nothing after the user's message; "
+                         "there is no assistant header to anchor 'caa' positions on")
+    return header
 
 
 # --- loading ----------------------------------------------------------------------------------
