@@ -36,13 +36,13 @@ def test_patching_every_site_from_the_clean_run_recovers_the_clean_metric(arch):
 
 def test_residual_grid_is_exact_at_layer_0_and_position_dependent(llama):
     task = tiny_task(changed=3)
-    grid = patch_residual(llama, task, layers=[0], positions=None)
+    grid = patch_residual(llama, task, layers=[0], columns=None)
     # resid_pre of block 0 differs only at the changed word: patching it there recovers all, elsewhere nothing
     assert grid.values[0, 3] == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(grid.values[0, [0, 1, 2, 4, 5]], torch.zeros(5), atol=1e-6)
     # every prompt has other words at each position; only the mark X sits at 3 in all of them
     assert grid.col_labels == ["0 (varies)", "1 (varies)", "2 (varies)", "3 X", "4 (varies)", "5 (varies)"]
-    marks = patch_residual(llama, task, layers=[0, 2], positions="marks", kind="hook_resid_post")
+    marks = patch_residual(llama, task, layers=[0, 2], columns="marks", kind="hook_resid_post")
     assert marks.col_labels == ["X", "end"]
     assert marks.cell("L2.resid_post", "end") == pytest.approx(1.0, abs=1e-5)  # the last block's output at the end
 
@@ -64,7 +64,7 @@ def _naive_grid(model, task, sites, n_positions):
 def test_batched_grid_equals_one_forward_per_cell(llama, cells_per_forward):
     task = tiny_task(n=3)
     sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.2.hook_resid_post"]
-    grid = patch_sites(llama, task, sites, positions=None, cells_per_forward=cells_per_forward)
+    grid = patch_sites(llama, task, sites, columns=None, cells_per_forward=cells_per_forward)
     torch.testing.assert_close(grid.raw, _naive_grid(llama, task, sites, 6), atol=1e-5, rtol=1e-5)
 
 
@@ -84,15 +84,15 @@ def test_attribution_equals_patching_where_the_metric_is_linear(any_model):
     if getattr(any_model.config, "final_logit_softcapping", None):
         pytest.skip("soft-capped logits are not linear in the final norm's output")
     task = tiny_task(n=3)
-    exact = patch_sites(any_model, task, ["ln_final.hook_normalized"], positions=None)
-    approx = patch_sites(any_model, task, ["ln_final.hook_normalized"], positions=None, method="attribution")
+    exact = patch_sites(any_model, task, ["ln_final.hook_normalized"], columns=None)
+    approx = patch_sites(any_model, task, ["ln_final.hook_normalized"], columns=None, method="attribution")
     torch.testing.assert_close(approx.raw, exact.raw, atol=1e-5, rtol=1e-4)
     assert compare_grids(exact, approx)["pearson"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_attribution_is_zero_where_runs_agree_and_leaves_param_grads_alone(llama):
     task = tiny_task(changed=3)
-    approx = patch_residual(llama, task, layers=[0, 1], positions=None, method="attribution")
+    approx = patch_residual(llama, task, layers=[0, 1], columns=None, method="attribution")
     assert torch.equal(approx.values[:, :3], torch.zeros(2, 3))  # positions before the change are identical
     assert approx.values[0, 3] != 0
     assert all(p.grad is None for p in llama.hf.parameters())
@@ -101,7 +101,7 @@ def test_attribution_is_zero_where_runs_agree_and_leaves_param_grads_alone(llama
 
 
 def test_grid_save_writes_csv_json_png(llama, tmp_path):
-    grid = patch_residual(llama, tiny_task(), layers="0-1", positions="marks")
+    grid = patch_residual(llama, tiny_task(), layers="0-1", columns="marks")
     paths = grid.save(tmp_path, "resid")
     data = json.loads(paths["json"].read_text())
     assert data["format_version"] == 1 and data["rows"] == ["L0.resid_pre", "L1.resid_pre"]
@@ -126,7 +126,7 @@ def test_position_map_aligns_clean_activations(llama):
     torch.testing.assert_close(setup.sources[site][0, [0, 2, 3, 4]], clean[0])
     assert setup.valid[0].tolist() == [True, False, True, True, True]
     assert int(setup.enc.corrupted_marks["w6"][0]) == 3 and int(setup.enc.clean_marks["w6"][0]) == 2
-    grid = patch_residual(llama, task, layers=[0], positions=None)
+    grid = patch_residual(llama, task, layers=[0], columns=None)
     assert abs(float(grid.values[0, 1])) < 1e-4  # the inserted token has no counterpart and is never patched
 
 
@@ -134,8 +134,8 @@ def test_position_map_aligns_clean_activations(llama):
     (lambda m, t: patch_components(m, t, ["L0H4"]), r"head index 4 in 'L0H4' is out of range.*4 heads"),
     (lambda m, t: patch_components(m, t, ["L7H0"]), r"layer 7 is out of range"),
     (lambda m, t: patch_residual(m, t, layers=[5]), r"layer 5 is out of range"),
-    (lambda m, t: patch_residual(m, t, positions=["IO"]), r"no mark named 'IO'"),
-    (lambda m, t: patch_residual(m, t, positions=[9]), r"position 9 is out of range"),
+    (lambda m, t: patch_residual(m, t, columns=["IO"]), r"no mark named 'IO'"),
+    (lambda m, t: patch_residual(m, t, columns=[9]), r"position 9 is out of range"),
     (lambda m, t: patch_residual(m, t, direction="sideways"), "denoise"),
     (lambda m, t: patch_heads(m, t, method="guess"), "attribution"),
     (lambda m, t: patch_residual(m, Task(["w4 w5"], ["w5"], ["w6"])), "no corrupted prompts"),
@@ -168,12 +168,12 @@ def test_position_columns_say_what_they_hold_in_every_prompt(llama):
     same = Task(clean=["the cat sat on the mat", "the dog sat on the mat ."],
                 corrupted=["the cat sat on a mat", "the dog sat on a mat ."],
                 correct=["w5", "w6"], incorrect=["w7", "w8"], name="labels")
-    grid = patch_residual(llama, same, layers=[0], positions=None)
+    grid = patch_residual(llama, same, layers=[0], columns=None)
     # labels name the patched (corrupted) run: token 1 differs (cat/dog), the rest agree; the 7th
     # position exists in one prompt of two
     assert grid.col_labels == ["0 the", "1 (varies)", "2 sat", "3 on", "4 a", "5 mat", "6 . [1/2]"]
     swapped = Task(clean=["w4 w5 w6 w7", "w5 w4 w6 w7"], corrupted=["w4 w5 w9 w7", "w5 w4 w9 w7"],
                    correct=["w10", "w11"], incorrect=["w12", "w13"], marks={"A": [0, 3], "B": [3, 0]},
                    name="marks")
-    grid = patch_residual(llama, swapped, layers=[0], positions=None)
+    grid = patch_residual(llama, swapped, layers=[0], columns=None)
     assert grid.col_labels == ["0 A/B", "1 A/B", "2 w9", "3 w7"]  # marks are character offsets

@@ -17,7 +17,7 @@ def ioi(smollm):
 
 
 def test_ioi_residual_patching(smollm, ioi):
-    grid = patch_residual(smollm, ioi, kind="hook_resid_post", layers=[0, -2, -1], positions="marks")
+    grid = patch_residual(smollm, ioi, kind="hook_resid_post", layers=[0, -2, -1], columns="marks")
     clean, corrupted = grid.meta["clean_metric"], grid.meta["corrupted_metric"]
     assert clean > 1.0  # the model prefers the indirect object on clean prompts
     assert corrupted < 0  # and the subject once S2 names the IO
@@ -32,7 +32,7 @@ def test_ioi_residual_patching(smollm, ioi):
         assert abs(grid.cell("L0.resid_post", col)) < 1e-4
     assert abs(grid.cell("L0.resid_post", "end")) < 0.1
     # attribution patching tracks these cells
-    approx = patch_residual(smollm, ioi, kind="hook_resid_post", layers=[0, -2, -1], positions="marks",
+    approx = patch_residual(smollm, ioi, kind="hook_resid_post", layers=[0, -2, -1], columns="marks",
                             method="attribution")
     assert compare_grids(grid, approx)["pearson"] > 0.7
 

@@ -195,7 +195,7 @@ class _DirectionTargets:
 
 def ablation_sweep(model, task: Task | EncodedTask, *, method: str = "mean", layers=None, heads: bool = True,
                    mlps: bool = True, reference=None, per_position: bool = False, seed: int = 0,
-                   cells_per_forward: int = 16, progress: bool = False) -> Grid:
+                   cells_per_forward: int = 16, reuse_prefix: bool = True, progress: bool = False) -> Grid:
     """Ablate every head (and every layer's MLP output) one at a time on the task's clean prompts.
 
     Returns a layer x (H0..Hn, mlp) grid of the metric's change, ablated - unablated (negative:
@@ -217,7 +217,7 @@ def ablation_sweep(model, task: Task | EncodedTask, *, method: str = "mean", lay
     sources = _replacements(model, method, acts, enc, reference, per_position, seed, sites)
     cells, cols = _sweep_cells(model, layer_list, heads, mlps)
     ablated = run_cells(model, ids, mask, last, sources, cells, enc.score, cells_per_forward=cells_per_forward,
-                        progress=progress, desc=f"{method}-ablate").view(len(layer_list), len(cols))
+                        reuse_prefix=reuse_prefix, progress=progress, desc=f"{method}-ablate").view(len(layer_list), len(cols))
     meta = {"model": model.model_id, "task": enc.task.name, "metric": enc.task.metric, "method": method,
             "per_position": per_position, "baseline_metric": baseline, "n_prompts": len(enc)}
     return Grid(ablated - baseline, [f"L{layer}" for layer in layer_list], cols,

@@ -25,6 +25,7 @@ from interplab.analysis.report import Grid
 from interplab.analysis.tasks import EncodedTask, Task, position_selector, token_texts, valid_positions
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.sites import Site
+from interplab.types import ModelLike
 
 DIRECTIONS = ("denoise", "noise")
 METHODS = ("patch", "attribution")
@@ -63,7 +64,7 @@ class PatchSetup:
                 "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric, **extra}
 
 
-def prepare(model, task: Task | EncodedTask, sites: Sequence[Site], direction: str = "denoise") -> PatchSetup:
+def prepare(model: ModelLike, task: Task | EncodedTask, sites: Sequence[Site], direction: str = "denoise") -> PatchSetup:
     """Encode the task, run clean and corrupted once, and keep the activations at `sites`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise' (corrupted into "
@@ -108,10 +109,11 @@ def _align(source: Tensor, mapping: Tensor) -> Tensor:
 
 # --- columns: positions ----------------------------------------------------------------------
 
-def position_columns(setup: PatchSetup, positions) -> list[tuple[str, Tensor | None]]:
+def position_columns(setup: PatchSetup, columns) -> list[tuple[str, Tensor | None]]:
     """Grid columns as (label, per-prompt position or None for all positions).
 
-    `positions` (which tokens each column patches):
+    `columns` (which tokens each column patches; not called `positions`, which in interplab is
+    one token selection, while this names a set of columns):
     None: one column per absolute position p (token p of every prompt). Its label says what p
     is in every prompt: the token when all prompts have the same one there ("4 gave"), else the
     marks found there ("2 IO/S1"), else "(varies)"; "[k/n]" when only k of the n prompts are
@@ -123,15 +125,15 @@ def position_columns(setup: PatchSetup, positions) -> list[tuple[str, Tensor | N
     position of that mark, so it means the same thing in every row even when templates differ.
     """
     enc, run = setup.enc, setup.run
-    if positions is None:
+    if columns is None:
         return [(label, torch.full((len(enc),), p)) for p, label in enumerate(position_labels(setup))]
-    if positions == "all":
+    if columns == "all":
         return [("all", None)]
-    if positions == "marks":
-        positions = list(enc.marks(run))
-    if isinstance(positions, (int, str)):
-        positions = [positions]
-    return [(str(p), position_selector(enc, run, p)) for p in positions]
+    if columns == "marks":
+        columns = list(enc.marks(run))
+    if isinstance(columns, (int, str)):
+        columns = [columns]
+    return [(str(p), position_selector(enc, run, p)) for p in columns]
 
 
 def position_labels(setup: PatchSetup) -> list[str]:
@@ -171,34 +173,39 @@ def _grid(setup: PatchSetup, metrics: Tensor, rows: list[str], cols: list[str], 
 # Every grid takes method="patch" (true activation patching) or "attribution" (the gradient
 # approximation of Nanda 2023, see `attribution.py`); both give the same rows and columns.
 
-def patch_sites(model, task, sites: Sequence[str], *, positions=None, direction: str = "denoise",
-                method: str = "patch", cells_per_forward: int = 16, progress: bool = False) -> Grid:
-    """Recovery for patching each site (rows) at each position (columns; see `position_columns`)."""
+def patch_sites(model: ModelLike, task, sites: Sequence[str], *, columns=None, direction: str = "denoise",
+                method: str = "patch", cells_per_forward: int = 16, reuse_prefix: bool = True,
+                progress: bool = False) -> Grid:
+    """Recovery for patching each site (rows) at each position (columns; see `position_columns`).
+
+    `reuse_prefix=False` runs every cell from the first token (for models whose key/value
+    cache cannot be repeated; see `run_cells`)."""
     model = as_loaded(model)
     _check_estimate(method)
     site_list = [model.site(s) for s in sites]
     setup = prepare(model, task, site_list, direction)
-    columns = position_columns(setup, positions)
-    cells = [[Target(site, None, pos, setup.valid)] for site in site_list for _, pos in columns]
-    metrics = _run(setup, cells, cells_per_forward, progress, "patch", method)
-    return _grid(setup, metrics, [site_label(s) for s in site_list], [c for c, _ in columns],
+    spec = position_columns(setup, columns)
+    cells = [[Target(site, None, pos, setup.valid)] for site in site_list for _, pos in spec]
+    metrics = _run(setup, cells, cells_per_forward, progress, "patch", method, reuse_prefix)
+    return _grid(setup, metrics, [site_label(s) for s in site_list], [c for c, _ in spec],
                  _title(setup, method, "residual"), method=method)
 
 
-def patch_residual(model, task, *, kind: str = "hook_resid_pre", layers=None, positions=None,
+def patch_residual(model: ModelLike, task, *, kind: str = "hook_resid_pre", layers=None, columns=None,
                    direction: str = "denoise", method: str = "patch", cells_per_forward: int = 16,
-                   progress: bool = False) -> Grid:
+                   reuse_prefix: bool = True, progress: bool = False) -> Grid:
     """Layer x position grid for the residual stream (`kind`: hook_resid_pre, _mid or _post)."""
     model = as_loaded(model)
     if kind not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
         raise ValueError(f"kind must be hook_resid_pre, hook_resid_mid or hook_resid_post, got {kind!r}")
     sites = [f"blocks.{layer}.{kind}" for layer in parse_layers(model, layers)]
-    return patch_sites(model, task, sites, positions=positions, direction=direction, method=method,
-                       cells_per_forward=cells_per_forward, progress=progress)
+    return patch_sites(model, task, sites, columns=columns, direction=direction, method=method,
+                       cells_per_forward=cells_per_forward, reuse_prefix=reuse_prefix, progress=progress)
 
 
-def patch_heads(model, task, *, layers=None, position=None, direction: str = "denoise",
-                method: str = "patch", cells_per_forward: int = 16, progress: bool = False) -> Grid:
+def patch_heads(model: ModelLike, task, *, layers=None, position=None, direction: str = "denoise",
+                method: str = "patch", cells_per_forward: int = 16, reuse_prefix: bool = True,
+                progress: bool = False) -> Grid:
     """Layer x head grid: each head's output (its slice of attn.hook_z) patched at every position,
     or at one `position` (an int or a mark name)."""
     model = as_loaded(model)
@@ -208,14 +215,14 @@ def patch_heads(model, task, *, layers=None, position=None, direction: str = "de
     setup = prepare(model, task, sites, direction)
     pos = position_selector(setup.enc, setup.run, position)
     cells = [[Target(site, head, pos, setup.valid)] for site in sites for head in range(model.n_heads)]
-    metrics = _run(setup, cells, cells_per_forward, progress, "patch heads", method)
+    metrics = _run(setup, cells, cells_per_forward, progress, "patch heads", method, reuse_prefix)
     return _grid(setup, metrics, [f"L{layer}" for layer in layer_list], [f"H{h}" for h in range(model.n_heads)],
                  _title(setup, method, "heads"), position=position, method=method)
 
 
-def patch_layers(model, task, *, kinds: Sequence[str] = ("hook_attn_out", "hook_mlp_out"), layers=None,
-                 position=None, direction: str = "denoise", method: str = "patch",
-                 cells_per_forward: int = 16, progress: bool = False) -> Grid:
+def patch_layers(model: ModelLike, task, *, kinds: Sequence[str] = ("hook_attn_out", "hook_mlp_out"),
+                 layers=None, position=None, direction: str = "denoise", method: str = "patch",
+                 cells_per_forward: int = 16, reuse_prefix: bool = True, progress: bool = False) -> Grid:
     """Kind x layer grid: each block's attention or MLP output patched (at every position, or one)."""
     model = as_loaded(model)
     _check_estimate(method)
@@ -224,7 +231,7 @@ def patch_layers(model, task, *, kinds: Sequence[str] = ("hook_attn_out", "hook_
     setup = prepare(model, task, sites, direction)
     pos = position_selector(setup.enc, setup.run, position)
     cells = [[Target(site, None, pos, setup.valid)] for site in sites]
-    metrics = _run(setup, cells, cells_per_forward, progress, "patch layers", method)
+    metrics = _run(setup, cells, cells_per_forward, progress, "patch layers", method, reuse_prefix)
     return _grid(setup, metrics, [k.replace("hook_", "") for k in kinds], [f"L{layer}" for layer in layer_list],
                  _title(setup, method, "layer outputs"), position=position, method=method)
 
@@ -235,7 +242,7 @@ def _title(setup: PatchSetup, method: str, what: str) -> str:
 
 
 def _run(setup: PatchSetup, cells, cells_per_forward: int, progress: bool, desc: str,
-         method: str = "patch") -> Tensor:
+         method: str = "patch", reuse_prefix: bool = True) -> Tensor:
     """The patched metric of every cell: exactly (one forward per `cells_per_forward` cells) or by
     attribution patching (one forward and backward for all cells)."""
     if method == "attribution":
@@ -244,7 +251,8 @@ def _run(setup: PatchSetup, cells, cells_per_forward: int, progress: bool, desc:
         return estimate_cells(setup, cells)
     ids, mask, last = setup.ids
     return run_cells(setup.model, ids, mask, last, setup.sources, cells, setup.enc.score,
-                     cells_per_forward=cells_per_forward, progress=progress, desc=desc)
+                     cells_per_forward=cells_per_forward, reuse_prefix=reuse_prefix, progress=progress,
+                     desc=desc)
 
 
 def _check_estimate(method: str) -> None:
@@ -263,14 +271,15 @@ class PatchScore:
     corrupted_metric: float
 
 
-def patch_components(model, task, components, *, position=None, direction: str = "denoise") -> PatchScore:
+def patch_components(model: ModelLike, task, components, *, position=None, direction: str = "denoise",
+                     reuse_prefix: bool = True) -> PatchScore:
     """Patch several components at once (e.g. ["embed", "L0H1", "L0.mlp"]) at every position (or one)."""
     model = as_loaded(model)
     parts: list[Component] = parse_components(model, components)
     setup = prepare(model, task, list(dict.fromkeys(c.site for c in parts)), direction)
     pos = position_selector(setup.enc, setup.run, position)
     cell = [Target(c.site, c.index, pos, setup.valid) for c in parts]
-    metric = float(_run(setup, [cell], 1, False, "patch")[0])
+    metric = float(_run(setup, [cell], 1, False, "patch", "patch", reuse_prefix)[0])
     return PatchScore(metric, float(setup.recovery(torch.tensor(metric))), setup.clean_metric,
                       setup.corrupted_metric)
 

@@ -314,7 +314,7 @@ def _patch_grid(handle, task, grid: str, positions: str, kind: str, direction: s
     common = dict(layers=layers, direction=direction, method=method, cells_per_forward=cells_per_forward,
                   progress=True)
     if grid == "resid":
-        return patch_residual(handle, task, kind=kind, positions=_positions(positions), **common)
+        return patch_residual(handle, task, kind=kind, columns=_positions(positions), **common)
     single = _positions(positions)
     if single in ("all", "marks", None):
         position = None  # heads and layer outputs: patched at every position at once

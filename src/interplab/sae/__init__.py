@@ -24,6 +24,9 @@ _EXPORTS = {
     "evaluate_sae": "interplab.sae.metrics",
     "ce_loss_recovered": "interplab.sae.metrics",
     "fraction_of_variance_unexplained": "interplab.sae.metrics",
+    "mse": "interplab.sae.metrics",
+    "l0": "interplab.sae.metrics",
+    "dead_fraction": "interplab.sae.metrics",
     "SAEFormatError": "interplab.sae.formats",
     "save_sae": "interplab.sae.formats",
     "load_sae": "interplab.sae.formats",
@@ -74,8 +77,8 @@ if TYPE_CHECKING:  # pragma: no cover
         save_saelens, saelens_hook_to_site, sparsify_hookpoint_to_site,
     )
     from interplab.sae.metrics import (
-        MetricsAccumulator, SAEMetrics, ce_loss_recovered, evaluate_sae,
-        fraction_of_variance_unexplained,
+        MetricsAccumulator, SAEMetrics, ce_loss_recovered, dead_fraction, evaluate_sae,
+        fraction_of_variance_unexplained, l0, mse,
     )
     from interplab.sae.model import SAE, SAEOutput, geometric_median
     from interplab.sae.train import TrainConfig, train_sae, train_saes

@@ -76,6 +76,11 @@ def l0(acts: Float[Tensor, "n d_sae"]) -> float:
     return float((acts != 0).sum(-1).double().mean())
 
 
+def dead_fraction(acts: Float[Tensor, "n d_sae"]) -> float:
+    """Fraction of latents that are zero on every token of `acts` (never fired)."""
+    return float(((acts != 0).sum(0) == 0).double().mean())
+
+
 class MetricsAccumulator:
     """Streams `SAEMetrics` over batches in float64: Σ‖x − x̂‖², Σx, Σ‖x‖², firing counts."""
 
