@@ -15,6 +15,7 @@ from interplab.models.handle import LoadedModel, as_loaded
 from interplab.progress import progress as progress_items
 from interplab.sites import Site
 from interplab.tokens import Batch, to_batch
+from interplab.types import ModelLike
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _left_align(acts: Tensor, mask: Tensor) -> Tensor:
 
 
 def capture(
-    model,
+    model: ModelLike,
     sites: str | Iterable[str],
     inputs,
     *,
@@ -201,7 +202,7 @@ def _set_attn(model: LoadedModel, implementation: str | None) -> None:
         model.hf.config._attn_implementation = implementation
 
 
-def residual_sites(model, kind: str = "hook_resid_post") -> list[str]:
+def residual_sites(model: ModelLike, kind: str = "hook_resid_post") -> list[str]:
     """Every block's site of one kind, e.g. all hook_resid_post sites."""
     model = as_loaded(model)
     return [f"blocks.{i}.{kind}" for i in range(model.n_layers)]

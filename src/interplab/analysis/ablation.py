@@ -33,6 +33,7 @@ from interplab.interventions import (Intervention, InterventionHandle, as_vector
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.positions import Positions
 from interplab.sites import Site
+from interplab.types import ModelLike, PositionsLike
 
 METHODS = ("zero", "mean", "resample")
 
@@ -50,8 +51,8 @@ class Direction:
     """Name for reports."""
 
 
-def ablate(model, components, *, method: str = "zero", reference=None, per_position: bool = False,
-           positions=None, seed: int = 0) -> InterventionHandle:
+def ablate(model: ModelLike, components, *, method: str = "zero", reference=None, per_position: bool = False,
+           positions: PositionsLike = None, seed: int = 0) -> InterventionHandle:
     """Ablate several parts at once while the `with` block runs.
 
         with ablate(model, ["L9H6", "L10H0", "L3.mlp"], method="mean", reference=texts):
@@ -193,7 +194,7 @@ class _DirectionTargets:
 
 # --- sweep ------------------------------------------------------------------------------------
 
-def ablation_sweep(model, task: Task | EncodedTask, *, method: str = "mean", layers=None, heads: bool = True,
+def ablation_sweep(model: ModelLike, task: Task | EncodedTask, *, method: str = "mean", layers=None, heads: bool = True,
                    mlps: bool = True, reference=None, per_position: bool = False, seed: int = 0,
                    cells_per_forward: int = 16, reuse_prefix: bool = True, progress: bool = False) -> Grid:
     """Ablate every head (and every layer's MLP output) one at a time on the task's clean prompts.
@@ -304,7 +305,7 @@ def sweep_summary(grid: Grid, k: int = 10) -> list[str]:
     return lines
 
 
-def ablated_metric(model, task: Task | EncodedTask, components, *, method: str = "zero", reference=None,
+def ablated_metric(model: ModelLike, task: Task | EncodedTask, components, *, method: str = "zero", reference=None,
                    per_position: bool = False, seed: int = 0) -> float:
     """The task's mean metric on its clean prompts with `components` ablated together."""
     model = as_loaded(model)

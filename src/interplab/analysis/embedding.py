@@ -18,6 +18,7 @@ from torch import Tensor
 
 from interplab.analysis.tasks import token_texts
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.types import ModelLike
 
 SPACES = ("embed", "unembed")
 _TERM = re.compile(r"""\s*([+-])?\s*(?:(\d+(?:\.\d+)?)\s*\*\s*)?("[^"]*"|'[^']*'|[^\s+\-*"']+)\s*""")
@@ -50,7 +51,7 @@ def parse_expression(expression: str) -> list[tuple[float, str]]:
     return terms
 
 
-def embedding_arithmetic(model, expression: str, *, space: str = "embed", top_k: int = 10,
+def embedding_arithmetic(model: ModelLike, expression: str, *, space: str = "embed", top_k: int = 10,
                          leading_space: bool = True, multi_token: str = "error",
                          exclude_inputs: bool = True) -> list[tuple[str, float]]:
     """The tokens nearest (by cosine) to the sum of the expression's word vectors.
@@ -95,7 +96,7 @@ def _terms(model: LoadedModel, parsed: list[tuple[float, str]], leading_space: b
     return terms
 
 
-def nearest_tokens(model, vector: Tensor, matrix: Tensor, *, top_k: int = 10,
+def nearest_tokens(model: ModelLike, vector: Tensor, matrix: Tensor, *, top_k: int = 10,
                    exclude: set[int] | frozenset = frozenset()) -> list[tuple[str, float]]:
     """The top_k rows of `matrix` (vocab, d) most cosine-similar to `vector`, as (token, cosine)."""
     model = as_loaded(model)
@@ -107,7 +108,7 @@ def nearest_tokens(model, vector: Tensor, matrix: Tensor, *, top_k: int = 10,
     return list(zip(tokens, top.values.tolist()))
 
 
-def vocab_projection(model, direction, *, top_k: int = 10, through_norm: bool = True) -> dict[str, list[tuple[str, float]]]:
+def vocab_projection(model: ModelLike, direction, *, top_k: int = 10, through_norm: bool = True) -> dict[str, list[tuple[str, float]]]:
     """Which tokens a residual-stream direction promotes and suppresses: (W_U @ (gain * d)) with the
     final norm's gain (and centring, for LayerNorm) applied when `through_norm`.
 

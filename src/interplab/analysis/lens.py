@@ -25,9 +25,10 @@ from interplab.analysis.report import Grid
 from interplab.analysis.tasks import EncodedTask, Task, answer_token_ids, token_texts
 from interplab.cache import capture
 from interplab.models.handle import LoadedModel, as_loaded
+from interplab.types import ModelLike
 
 
-def lens_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+def lens_logits(model: ModelLike, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
     """Logits read from a residual stream: final norm, then unembedding (and soft-cap, if any)."""
     model = as_loaded(model)
     with torch.no_grad():
@@ -97,7 +98,7 @@ class LensResult:
                 f"<tr><th></th>{head}</tr>{''.join(rows)}</table>")
 
 
-def logit_lens(model, prompts: str | Sequence[str], *, answer: str | Sequence[str] | None = None,
+def logit_lens(model: ModelLike, prompts: str | Sequence[str], *, answer: str | Sequence[str] | None = None,
                top_k: int = 5, batch_size: int = 8) -> LensResult:
     """The top-k tokens, and the answer's log-probability and rank, at every layer and position.
 
@@ -247,7 +248,7 @@ class DLAResult:
         return sorted(parts, key=lambda p: -abs(p[1]))[:k]
 
 
-def direct_logit_attribution(model, task: Task | EncodedTask) -> DLAResult:
+def direct_logit_attribution(model: ModelLike, task: Task | EncodedTask) -> DLAResult:
     """Split the logit difference (correct - incorrect; or the correct logit when the task has no
     incorrect answers) at each clean prompt's last token into one term per head, MLP, the
     embeddings and the biases.

@@ -37,6 +37,7 @@ from interplab.sae.store import Harvester, site_width
 from interplab.scoring import kl_divergence, log_probs, next_token_nll
 from interplab.sites import Site
 from interplab.tokens import special_token_mask
+from interplab.types import ModelLike
 
 ABLATIONS = ("zero", "mean")
 
@@ -153,7 +154,7 @@ class SAEEvaluation:
 
 @torch.no_grad()
 def evaluate_downstream(
-    model,
+    model: ModelLike,
     sae: SAE,
     windows: Int[Tensor, "n seq"],
     *,

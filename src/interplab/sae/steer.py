@@ -50,6 +50,7 @@ from interplab.scoring import log_probs, masked_mean, next_token_nll
 from interplab.sites import Site
 from interplab.tokens import special_token_mask
 from interplab.types import PositionsLike
+from interplab.types import ModelLike
 
 METHODS = ("steer", "clamp", "logit_bias", "logit_bias_active")
 """Methods `compare_steering` evaluates."""
@@ -194,7 +195,7 @@ def splice_sae(sae: SAE, *, keep_error: bool = False, positions: PositionsLike =
 # --------------------------------------------------------------------------------------------
 
 
-def vocab_bias(model, sae: SAE, feature: int, *, site: str | None = None, fold_norm: bool = True) -> Float[Tensor, " vocab"]:
+def vocab_bias(model: ModelLike, sae: SAE, feature: int, *, site: str | None = None, fold_norm: bool = True) -> Float[Tensor, " vocab"]:
     """b_i: latent i's vocabulary effect, centred over the vocabulary and scaled to a maximum of 1."""
     effect = feature_vocab_effect(model, sae, feature, site=site, fold_norm=fold_norm).float()
     centred = effect - effect.mean()
@@ -297,7 +298,7 @@ class SteeringComparison:
 
 @torch.no_grad()
 def compare_steering(
-    model,
+    model: ModelLike,
     sae: SAE,
     feature: int,
     prompts: Sequence[str],

@@ -35,6 +35,7 @@ from interplab.progress import progress as _progress_items
 from interplab.scoring import kl_divergence, log_probs, masked_mean, next_token_nll
 from interplab.steering.datasets import ContrastDataset
 from interplab.steering.vector import CAA_RULES, SteeringVector, caa_positions
+from interplab.types import ModelLike
 
 NEUTRAL_TEXTS = (
     "The library opens at nine in the morning and closes at six in the evening on weekdays.",
@@ -78,7 +79,7 @@ class DamageRow:
 
 # --- A/B --------------------------------------------------------------------------------------
 
-def ab_sweep(model, vector: SteeringVector, dataset: ContrastDataset, *, layers=None,
+def ab_sweep(model: ModelLike, vector: SteeringVector, dataset: ContrastDataset, *, layers=None,
              scales: Sequence[float] = (-2, -1, 0, 1, 2), positions="all", chat: bool | None = None,
              batch_size: int = 16, progress: bool = False) -> list[SweepRow]:
     """The A/B score for every layer x scale (scale 0 is computed once)."""
@@ -192,7 +193,7 @@ def _steer(model, steer):
 
 # --- damage -----------------------------------------------------------------------------------
 
-def damage(model, vector: SteeringVector, *, layers=None, scales: Sequence[float] = (-2, -1, 0, 1, 2),
+def damage(model: ModelLike, vector: SteeringVector, *, layers=None, scales: Sequence[float] = (-2, -1, 0, 1, 2),
            texts: Sequence[str] | None = None, positions="all", batch_size: int = 8,
            progress: bool = False) -> list[DamageRow]:
     """Cross-entropy rise and KL to the unsteered model on neutral text, per layer x scale."""
@@ -256,7 +257,7 @@ def _kl(base: list[torch.Tensor], steered: list[torch.Tensor], batches) -> float
 
 # --- open-ended -------------------------------------------------------------------------------
 
-def side_by_side(model, vector: SteeringVector, prompts: Sequence[str], *, layer: int,
+def side_by_side(model: ModelLike, vector: SteeringVector, prompts: Sequence[str], *, layer: int,
                  scales: Sequence[float] = (-4.0, 4.0), max_new_tokens: int = 40, seed: int = 0,
                  do_sample: bool = False, positions="all", chat: bool | None = None,
                  norm_preserving: bool = False) -> list[dict]:

@@ -41,6 +41,7 @@ from interplab.steering.datasets import ContrastDataset, ContrastPair
 from interplab.steering.vector import STEERABLE_SITES, SteeringVector
 from interplab.sites import resolve_layers
 from interplab.tokens import check_context
+from interplab.types import ModelLike
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic")
 READS = ("auto", "answer", "last", "mean")
@@ -108,7 +109,7 @@ class Extraction:
 # --- the one-shot function --------------------------------------------------------------------
 
 def extract_vector(
-    model,
+    model: ModelLike,
     dataset: ContrastDataset,
     *,
     layers=None,
@@ -247,7 +248,7 @@ def separation(direction: Tensor, train_pos: Tensor, train_neg: Tensor, test_pos
 
 # --- reading activations ----------------------------------------------------------------------
 
-def read_activations(model, dataset: ContrastDataset, *, layers, read: str = "auto",
+def read_activations(model: ModelLike, dataset: ContrastDataset, *, layers, read: str = "auto",
                      site: str = "hook_resid_post", batch_size: int = 16, chat: bool | None = None,
                      progress: bool = False) -> PairActivations:
     """Activations of every pair's positive and negative text at each layer, read at `read`."""
@@ -343,7 +344,7 @@ def _letter_token(tokenizer, enc, ids, char: int, first: int) -> int:
 
 # --- ActAdd -----------------------------------------------------------------------------------
 
-def actadd_vector(model, positive: str, negative: str, *, layers=None, site: str = "hook_resid_post") -> SteeringVector:
+def actadd_vector(model: ModelLike, positive: str, negative: str, *, layers=None, site: str = "hook_resid_post") -> SteeringVector:
     """ActAdd (Turner et al. 2023): h_L(positive) - h_L(negative) at every position, the
     shorter prompt padded with space tokens at the end; added later at the first positions."""
     model = as_loaded(model)
