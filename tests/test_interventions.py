@@ -239,3 +239,20 @@ def test_site_the_architecture_lacks():
     neox = tiny_model("gpt_neox")
     with pytest.raises(ValueError, match="parallel"):
         intervene(neox, {"blocks.0.hook_resid_mid": add_vector(torch.ones(32))})
+
+
+def test_on_tokens_edits_only_the_selected_tokens_of_each_row(llama):
+    from interplab.interventions import on_tokens
+
+    rows = [[5, 6, 7, 8], [9, 10]]
+    tokens = torch.tensor([[True, False, True, False], [False, True, False, False]])  # by absolute position
+    base = interplab.capture(llama, SITE, rows, padding_side="left")
+    with intervene(llama, {SITE: on_tokens(zero_ablate(), tokens)}):
+        new = interplab.capture(llama, SITE, rows, padding_side="left")
+    got, before = new.by_position(SITE), base.by_position(SITE)
+    zeroed = (got.abs().amax(-1) == 0) & new.position_mask
+    assert zeroed.tolist() == [[True, False, True, False], [False, True, False, False]]
+    untouched = ~tokens & new.position_mask
+    torch.testing.assert_close(got[untouched], before[untouched])
+    with pytest.raises(ValueError, match="bool tensor"):
+        on_tokens(zero_ablate(), tokens.long())
