@@ -173,6 +173,8 @@ def test_bad_input_registers_nothing(llama, mapping, match):
     (lambda: clamp_direction(torch.ones(32), float("nan")), "finite real number"),
     (lambda: zero_ablate(positions="bogus"), r"'bogus'.*'all', 'prompt', 'generated'"),
     (lambda: zero_ablate(index="0"), "index must be an int"),
+    (lambda: add_vector(torch.ones(32), norm_preserving="yes"), "norm_preserving must be True or False"),
+    (lambda: mean_ablate(torch.ones(2, 3, 32), per_position=1), "per_position must be True or False"),
     (lambda: zero_ablate(index=[True]), "index must hold ints"),
     (lambda: mean_ablate(torch.ones(2, 3, 32), positions=[1.5]), "not understood"),
     (lambda: resample_ablate("cache"), "ActivationCache or a tensor"),

@@ -105,6 +105,11 @@ def check_number(value, what: str) -> float:
     return float(value)
 
 
+def _check_flag(value, what: str) -> None:
+    if not isinstance(value, bool):
+        raise UserInputError(f"{what} must be True or False, got {value!r}")
+
+
 def _as_index(index: Index) -> tuple[int, ...] | None:
     """Heads/neurons as a tuple of ints (range checked at bind time), or None for all."""
     if index is None:
@@ -197,6 +202,7 @@ class AddVector(Intervention):
     def _check(self):
         object.__setattr__(self, "vector", as_vector(self.vector))
         object.__setattr__(self, "scale", check_number(self.scale, "scale"))
+        _check_flag(self.norm_preserving, "norm_preserving")
 
     def _bind(self, site, model):
         added = self.scale * check_vector(self.vector, site, model)
@@ -295,6 +301,7 @@ class MeanAblate(Intervention):
     def _check(self):
         _check_source(self.reference, "the mean-ablation reference")
         object.__setattr__(self, "index", _as_index(self.index))
+        _check_flag(self.per_position, "per_position")
 
     def _bind(self, site, model):
         index, positions, per_position = _check_index(self.index, site, model), self.positions, self.per_position
