@@ -87,8 +87,8 @@ def main() -> None:
     print(f"model {model.model_id}: {model.n_layers} layers x {width} positions = {model.n_layers * width} cells, "
           f"{args.n} prompt pair(s), torch threads {torch.get_num_threads()}")
 
-    patch_residual(model, task, layers=[0], positions=[0])  # warm-up
-    grid = lambda method: patch_residual(model, task, positions=None, method=method,  # noqa: E731
+    patch_residual(model, task, layers=[0], columns=[0])  # warm-up
+    grid = lambda method: patch_residual(model, task, columns=None, method=method,  # noqa: E731
                                          cells_per_forward=args.cells_per_forward)
     exact, t_fast = timed(lambda: grid("patch"))
     batched, t_batched = timed(lambda: engine_grid(model, enc, sites, args.cells_per_forward, False))
