@@ -103,7 +103,7 @@ def test_non_ab_items_are_refused():
         ab_sweep(ab_model(), random_vector(), data)
 
 
-def test_damage_is_zero_at_zero_and_grows_with_the_multiplier(llama):
+def test_damage_is_zero_at_zero_and_grows_with_the_scale(llama):
     v = random_vector(layers=(1,), model_id="tiny-llama")
     rows = damage(llama, v, scales=[0, 1, 4], texts=["the cat sat on the mat .", "a dog is hot"])
     by_m = {r.scale: r for r in rows}

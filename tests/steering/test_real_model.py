@@ -32,7 +32,7 @@ def test_cold_minus_hot_raises_cold_words_and_the_opposite_sign_lowers_them(smol
     assert share(cold_down, hot_down) < share(base_cold, base_hot)
 
 
-def test_damage_grows_with_the_multiplier(smollm, cold_vector):
+def test_damage_grows_with_the_scale(smollm, cold_vector):
     rows = {r.scale: r for r in damage(smollm, cold_vector, scales=[0, 2, 8], batch_size=8)}
     assert rows[0].delta_ce == 0 and 0 < rows[2].kl < rows[8].kl
     assert rows[8].delta_ce > rows[2].delta_ce
@@ -46,7 +46,7 @@ def test_demo_runs_and_reports_probabilities(smollm):
     assert any(line.startswith("[baseline] The weather in California is") for line in lines)
 
 
-def test_ab_score_moves_with_the_multiplier(smollm):
+def test_ab_score_moves_with_the_scale(smollm):
     """SmolLM2-135M is at chance on every balanced A/B set we tried (docs/steering.md), so this
     set keeps the cold answer in (A): the score then measures a letter preference the model
     does have (p_match ~0.29 at baseline), and the CAA vector moves it monotonically."""
