@@ -38,8 +38,8 @@ def test_reuse_prefix_is_reachable_from_the_grids(llama):
     from interplab.analysis import patch_heads, patch_residual
     from tests.analysis.tiny_tasks import tiny_task
 
-    task = tiny_task(changed=2)
-    for grid_fn, kwargs in ((patch_residual, dict(layers=[0, 1])), (patch_heads, dict(layers=[1]))):
+    task = tiny_task(n=2, changed=2)
+    for grid_fn, kwargs in ((patch_residual, dict(layers=[1])), (patch_heads, dict(layers=[1]))):
         reused = grid_fn(llama, task, reuse_prefix=True, **kwargs)
         fresh = grid_fn(llama, task, reuse_prefix=False, **kwargs)
         torch.testing.assert_close(reused.values, fresh.values, atol=1e-5, rtol=1e-5)
