@@ -74,7 +74,7 @@ def _edits(plain):
               generator=torch.Generator().manual_seed(0))
     return {"add": add_vector(direction, scale=3.0), "project": project_out(direction),
             "patch": patch(source, positions=[2, 3]), "mean": mean_ablate(source),
-            "steer_feature": steer_feature(sae, 5, alpha=4.0), "clamp": clamp_feature(sae, [1, 2], 2.0),
+            "steer_feature": steer_feature(sae, 5, scale=4.0), "clamp": clamp_feature(sae, [1, 2], 2.0),
             "splice": splice_sae(sae)}
 
 
@@ -120,11 +120,11 @@ def test_references_follow_the_activation_device_and_dtype(llama, dtype):
     direction = torch.randn(32)
     source = torch.randn(3, 5, 32)
     sae = SAE(SAEConfig(d_in=32, d_sae=64, family="topk", k=6, site=SITES[1]))
-    for edit in (add_vector(direction), project_out(direction), mean_ablate(source), steer_feature(sae, 3, alpha=1.0),
+    for edit in (add_vector(direction), project_out(direction), mean_ablate(source), steer_feature(sae, 3, scale=1.0),
                  clamp_feature(sae, 3, 1.0), splice_sae(sae)):
-        edit.validate(llama.site(SITES[1]), llama)
+        bound = edit.bind(llama.site(SITES[1]), llama)
         for _ in range(2):
-            out = edit(act, ctx)
+            out = bound(act, ctx)
             assert out.device.type == "meta" and out.dtype == dtype, type(edit).__name__
     assert sae.W_enc.device.type == "cpu"  # the user's SAE is untouched; a copy went to 'meta'
 

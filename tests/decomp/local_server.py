@@ -28,6 +28,7 @@ def _app(model):
     from fastapi import FastAPI
 
     from interplab.generation import generate
+    from interplab.tokens import max_positions
 
     app = FastAPI()
     app.state.requests = []
@@ -35,7 +36,9 @@ def _app(model):
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest) -> dict:
         prompt = "\n".join(m.content for m in request.messages)
-        text = generate(model, prompt, max_new_tokens=request.max_tokens or 40)[0]
+        # a tiny test model has a short context window: generate only what fits in it
+        room = max_positions(model) - len(model.tokenizer(prompt)["input_ids"])
+        text = generate(model, prompt, max_new_tokens=max(1, min(request.max_tokens or 40, room)))[0]
         app.state.requests.append((prompt, text))
         return {"id": f"chatcmpl-{len(app.state.requests)}", "object": "chat.completion", "created": int(time.time()),
                 "model": request.model,

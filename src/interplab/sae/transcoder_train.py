@@ -163,7 +163,8 @@ def evaluate_transcoders(model, transcoders: dict[int, Transcoder], windows: Ten
                          batch_size: int = 8) -> SpliceMetrics:
     """CE loss recovered and KL with all `transcoders` spliced in at once, on token windows (n, seq)."""
     from interplab.hooks import HookSession
-    from interplab.sae.downstream import _keep_mask, _kl, _log_probs, _nll, _targets
+    from interplab.sae.downstream import _keep_mask, _log_probs, _scored
+    from interplab.scoring import kl_divergence, next_token_nll
 
     model = as_loaded(model)
     check_layers(model, list(transcoders))
@@ -171,15 +172,18 @@ def evaluate_transcoders(model, transcoders: dict[int, Transcoder], windows: Ten
     keep_all = _keep_mask(model, windows, True)
     for start in range(0, windows.shape[0], batch_size):
         ids, keep = windows[start:start + batch_size], keep_all[start:start + batch_size]
-        targets, scored = _targets(model, ids)
-        clean = _log_probs(model, ids, None)
-        totals["clean"] += float(_nll(clean, targets)[scored].sum())
+        scored = _scored(model, ids)
+        clean = _log_probs(model, ids)
+        totals["clean"] += float(next_token_nll(clean, ids)[scored].sum())
         for name, replace in (("tc", None), ("ablated", lambda layer, x, y: torch.zeros_like(y))):
-            fns = splice_fns(model, transcoders, keep, replace)
-            log_probs = _log_probs(model, ids, fns)
-            totals[name] += float(_nll(log_probs, targets)[scored].sum())
+            session = HookSession(model, splice_fns(model, transcoders, keep, replace)).attach()
+            try:
+                log_probs = _log_probs(model, ids)
+            finally:
+                session.remove()
+            totals[name] += float(next_token_nll(log_probs, ids)[scored].sum())
             if name == "tc":
-                totals["kl"] += float(_kl(clean, log_probs)[scored].sum())
+                totals["kl"] += float(kl_divergence(clean[:, :-1], log_probs[:, :-1])[scored].sum())
         totals["n"] += int(scored.sum())
     n = max(totals["n"], 1)
     clean, tc, ablated = totals["clean"] / n, totals["tc"] / n, totals["ablated"] / n
