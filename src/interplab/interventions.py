@@ -194,9 +194,9 @@ class AddVector(Intervention):
     """x <- x + scale * v at the selected positions. With `norm_preserving`, the result is
     rescaled to the norm x had, so only the direction changes."""
 
-    vector: Tensor
+    vector: object  # a tensor once built
     scale: float = 1.0
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
     norm_preserving: bool = False
 
     def _check(self):
@@ -232,8 +232,8 @@ def _check_direction(direction, site: Site, model: LoadedModel) -> Tensor:
 class ProjectOut(Intervention):
     """x <- x - (x . u) u with u = d / |d|: remove the component along a direction."""
 
-    direction: Tensor
-    positions: Positions = None
+    direction: object  # a tensor once built
+    positions: PositionsLike = None  # a Positions value once built
 
     def _check(self):
         object.__setattr__(self, "direction", as_vector(self.direction, "direction"))
@@ -253,9 +253,9 @@ class ProjectOut(Intervention):
 class ClampDirection(Intervention):
     """x <- x + (value - x . u) u: set the component along u = d / |d| to `value`."""
 
-    direction: Tensor
+    direction: object  # a tensor once built
     value: float
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
 
     def _check(self):
         object.__setattr__(self, "direction", as_vector(self.direction, "direction"))
@@ -277,8 +277,8 @@ class ClampDirection(Intervention):
 class ZeroAblate(Intervention):
     """Set activations (or only heads/neurons `index` along the first feature axis) to zero."""
 
-    index: tuple[int, ...] | None = None
-    positions: Positions = None
+    index: Index = None  # a tuple of ints (or None) once built
+    positions: PositionsLike = None  # a Positions value once built
 
     def _check(self):
         object.__setattr__(self, "index", _as_index(self.index))
@@ -294,8 +294,8 @@ class MeanAblate(Intervention):
     with `per_position`, over rows at each absolute position."""
 
     reference: object
-    index: tuple[int, ...] | None = None
-    positions: Positions = None
+    index: Index = None  # a tuple of ints (or None) once built
+    positions: PositionsLike = None  # a Positions value once built
     per_position: bool = False
 
     def _check(self):
@@ -338,8 +338,8 @@ class ResampleAblate(Intervention):
     """Replace each row's activations by those of a random reference row, position by position."""
 
     reference: object
-    index: tuple[int, ...] | None = None
-    positions: Positions = None
+    index: Index = None  # a tuple of ints (or None) once built
+    positions: PositionsLike = None  # a Positions value once built
     seed: int = 0
 
     def _check(self):
@@ -369,8 +369,8 @@ class Patch(Intervention):
     at the selected positions and heads/neurons, matched by absolute position."""
 
     source: object
-    positions: Positions = None
-    index: tuple[int, ...] | None = None
+    positions: PositionsLike = None  # a Positions value once built
+    index: Index = None  # a tuple of ints (or None) once built
 
     def _check(self):
         _check_source(self.source, "the patch source")
@@ -504,7 +504,7 @@ def on_tokens(intervention: Intervention, tokens: Tensor) -> OnTokens:
 
 # --- scoping ----------------------------------------------------------------------------------
 
-SiteFns = Mapping[object, Callable | Sequence[Callable]]
+SiteFns = Mapping[object, "Intervention | Callable | Sequence[Intervention | Callable]"]
 
 
 class InterventionHandle:
@@ -554,7 +554,7 @@ def intervene(model: ModelLike, interventions: SiteFns) -> InterventionHandle:
     return InterventionHandle(HookSession(model, fns).attach())
 
 
-def _as_list(value, site: Site) -> list[Callable]:
+def _as_list(value, site: Site) -> list:
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for fn in items:
         if not (isinstance(fn, Intervention) or callable(fn)):

@@ -135,11 +135,11 @@ class DirectionAblate(Intervention):
     mean of x.u (mean; per position with `per_position`) or x.u of a random reference row at the
     same position (resample). Zero direction-ablation is `project_out`."""
 
-    direction: Tensor
+    direction: object  # a tensor once built
     method: str
     reference: ActivationCache
     per_position: bool = False
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
     seed: int = 0
 
     def _check(self):

@@ -49,8 +49,7 @@ from interplab.sae.store import Harvester
 from interplab.scoring import log_probs, masked_mean, next_token_nll
 from interplab.sites import Site
 from interplab.tokens import special_token_mask
-from interplab.types import PositionsLike
-from interplab.types import ModelLike
+from interplab.types import ModelLike, PositionsLike
 
 METHODS = ("steer", "clamp", "logit_bias", "logit_bias_active")
 """Methods `compare_steering` evaluates."""
@@ -100,7 +99,7 @@ class SteerFeature(_SAEIntervention):
     sae: SAE
     feature: int
     scale: float
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
 
     def _check(self):
         _check_sae(self.sae)
@@ -119,7 +118,7 @@ class ClampFeatures(_SAEIntervention):
     sae: SAE
     features: tuple[int, ...]
     value: float
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
     keep_error: bool = True
 
     def _check(self):
@@ -147,7 +146,7 @@ class SpliceSAE(_SAEIntervention):
 
     sae: SAE
     keep_error: bool = False
-    positions: Positions = None
+    positions: PositionsLike = None  # a Positions value once built
     observe: Callable[[Tensor, Tensor, Tensor], None] | None = None
 
     def _check(self):
