@@ -30,7 +30,7 @@ def _rows(model, prompts, steerings, n=12):
             v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(seed))
             site = model.site(f"blocks.{layer}.hook_resid_post")
             fn = add_vector(v, scale=scale, positions=positions)
-            fn.validate(site, model)
+            fn.bind(site, model)
             edits = {site: [fn]}
         rows.append(Row(ids, Sampling(n, temperature=0), edits=edits))
     return rows
@@ -72,7 +72,7 @@ def test_row_table_leaves_rows_without_edits_bitwise_untouched(llama):
     site = llama.site("blocks.1.hook_resid_post")
     v = torch.randn(llama.d_model)
     fn = add_vector(v, scale=3.0)
-    fn.validate(site, llama)
+    fn.bind(site, llama)
     table = RowTable([{}, {site: [fn]}, {}], [4, 4, 4])
     act = torch.randn(3, 4, llama.d_model)
 

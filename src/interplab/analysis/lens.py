@@ -90,8 +90,8 @@ class LensResult:
         rows = []
         for r, name in enumerate(self.rows):
             cells = "".join(
-                f'<td style="background: rgba(37, 99, 235, {float(self.top_probs[0, r, p, 0]):.3f})" '
-                f'title="{float(self.top_probs[0, r, p, 0]):.3f}">{html.escape(self.top_tokens[0][r][p][0])}</td>'
+                f'<td style="background: rgba(37, 99, 235, {float(self.top_log_probs[0, r, p, 0].exp()):.3f})" '
+                f'title="log p {float(self.top_log_probs[0, r, p, 0]):.3f}">{html.escape(self.top_tokens[0][r][p][0])}</td>'
                 for p in range(n))
             rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
         return (f'<table class="interplab-lens" style="font-family: monospace; border-collapse: collapse">'

@@ -17,6 +17,7 @@ from interplab.interventions import add_vector
 from interplab.models.handle import LoadedModel
 from interplab.positions import Positions
 from interplab.serve.registry import SAERegistry, VectorRegistry
+from interplab.serve.rows import _is_plain_add
 from interplab.serve.schemas import APIError, Edit, FeatureEdit, VectorEdit
 from interplab.steering.vector import SteeringVector, resolve_positions
 
@@ -38,8 +39,9 @@ def build_edits(model: LoadedModel, edits: Sequence[Edit], vectors: VectorRegist
                 pairs = [_feature_edit(model, edit, saes, param)]
             for site_name, intervention in pairs:
                 site = model.site(site_name)
-                checked = intervention.validate(site, model)  # a frozen intervention returns its checked copy
-                by_site.setdefault(site, []).append(intervention if checked is None else checked)
+                bound = intervention.bind(site, model)  # checked against the site and model
+                # plain additions stay values (the batch adds them for all rows at once)
+                by_site.setdefault(site, []).append(intervention if _is_plain_add(intervention) else bound)
         except APIError:
             raise
         except (ValueError, TypeError) as error:  # the library's own checks, with its message
@@ -101,7 +103,7 @@ def _feature_edit(model, edit: FeatureEdit, saes: SAERegistry, param: str) -> tu
     saes.check_feature(entry, edit.feature, param=f"{param}.feature")
     positions = edit_positions(model, edit.positions)
     if edit.mode == "add":
-        return entry.site, steer_feature(entry.sae, edit.feature, alpha=edit.value, positions=positions)
+        return entry.site, steer_feature(entry.sae, edit.feature, scale=edit.value, positions=positions)
     if edit.mode == "clamp":
         return entry.site, clamp_feature(entry.sae, edit.feature, edit.value, positions=positions)
     return entry.site, ablate_feature(entry.sae, edit.feature, positions=positions)
@@ -112,4 +114,4 @@ def _logit_bias(model, edit: FeatureEdit, saes: SAERegistry, param: str):
 
     entry = saes.get(edit.sae, param=f"{param}.sae")
     saes.check_feature(entry, edit.feature, param=f"{param}.feature")
-    return FeatureLogitBias(model, entry.sae, edit.feature, alpha=edit.value, site=entry.site)
+    return FeatureLogitBias(model, entry.sae, edit.feature, scale=edit.value, site=entry.site)

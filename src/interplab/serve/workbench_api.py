@@ -165,7 +165,7 @@ def _lens(state: ServerState, body: LensRequest) -> dict:
     n = len(result.tokens[0])
     return {"tokens": result.tokens[0], "rows": result.rows, "n_prompt_tokens": len(ids),
             "top_tokens": [[cell[:body.top_k] for cell in row[:n]] for row in result.top_tokens[0]],
-            "top_probs": result.top_probs[0, :, :n].tolist(),
+            "top_probs": result.top_log_probs[0, :, :n].exp().tolist(),
             "attention": {"layer": body.layer, "head": body.head, "pattern": pattern[:n, :n].tolist()}}
 
 
