@@ -141,3 +141,41 @@ def test_notebook_views_render_html(llama, tmp_path):
         card = feature_card(index, feature)
     assert card._repr_html_().startswith("<iframe srcdoc=")
     assert f"Feature {feature}" in card.html and "rgba(255, 120, 0" in card.html
+
+
+def test_caa_positions_follow_each_rows_own_prompt_in_a_batch():
+    """positions "caa" find the chat template's assistant header in each row's own prompt: batched
+    rows of different lengths (one dropped early) steer exactly where the library does alone."""
+    from interplab.generation import format_prompt
+    from interplab.steering.vector import caa_positions
+    from tests.steering.test_vector import _chat_llama
+
+    model = _chat_llama()
+    site = model.site("blocks.1.hook_resid_post")
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(5))
+    caa = caa_positions(model)
+    prompts = [format_prompt(model, p) for p in ("w10", "w10 w11 w12 w13", "w7 w8")]
+    lengths = [3, 8, 6]                     # row 0 finishes first and leaves the batch
+
+    def rows(steer: bool):
+        out = []
+        for prompt, n in zip(prompts, lengths):
+            ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            edits = {}
+            if steer:
+                fn = add_vector(v, scale=6.0, positions=caa)
+                fn.bind(site, model)
+                edits = {site: [fn]}
+            out.append(Row(ids, Sampling(n, temperature=0), edits=edits))
+        return out
+
+    batched = rows(True)
+    run_batch(model, batched)
+    alone = []
+    for row in rows(True):
+        run_batch(model, [row])
+        alone.append(row.generated)
+    assert [r.generated for r in batched] == alone
+    plain = rows(False)
+    run_batch(model, plain)
+    assert any(p.generated != b.generated for p, b in zip(plain, batched))  # the edit did something

@@ -65,7 +65,8 @@ def run_batch(model: LoadedModel, rows: Sequence[Row]) -> None:
     rows = [row for row in rows if not row.cancelled]
     if not rows:
         return
-    table = RowTable([row.edits for row in rows], [len(row.prompt_ids) for row in rows])
+    table = RowTable([row.edits for row in rows], [len(row.prompt_ids) for row in rows],
+                     [torch.as_tensor(row.prompt_ids) for row in rows])
     handle = intervene(model, table.site_fns()) if table.sites else nullcontext()
     with handle, torch.no_grad():
         _generate(model, rows, table)

@@ -37,6 +37,8 @@ class RowContext:
     """(1, seq) absolute positions of this row's tokens in the current forward pass (-1: padding)."""
     row_prompt_len: Tensor
     """(1,) real tokens in this row's prompt."""
+    row_prompt_ids: Tensor | None = None
+    """(1, prompt) this row's prompt token ids (for positions that look for a marker, e.g. "caa")."""
 
     def positions(self, act: Tensor) -> Tensor:
         return self.row_positions.to(act.device)
@@ -45,7 +47,18 @@ class RowContext:
         return self.row_prompt_len.to(act.device)
 
     def mask(self, act: Tensor, positions=None) -> Tensor:
-        return as_positions(positions).mask(self.positions(act), self.prompt_len(act))
+        ids = self.row_prompt_ids
+        return as_positions(positions).mask(self.positions(act), self.prompt_len(act),
+                                            *_prompt_args(ids, act.device))
+
+
+def _prompt_args(ids: Tensor | None, device) -> tuple:
+    """(prompt_ids, prompt_positions) for `Positions.mask`: a row's prompt holds no padding, so its
+    absolute positions are 0..n-1."""
+    if ids is None:
+        return None, None
+    ids = ids.to(device)
+    return ids, torch.arange(ids.shape[-1], device=device).expand_as(ids)
 
 
 def _is_plain_add(fn) -> bool:
@@ -62,6 +75,9 @@ class RowTable:
 
     rows: list[dict[Site, list[Callable]]]
     prompt_len: Tensor
+    prompt_ids: list[Tensor] | None = None
+    """Each row's prompt token ids (1-D), so that positions found from the prompt's own tokens
+    ("caa": after the chat template's assistant header) work per row and follow dropped rows."""
     _sites: set[Site] = field(default_factory=set, init=False)
     _deltas: dict = field(default_factory=dict, init=False)
 
@@ -76,6 +92,8 @@ class RowTable:
     def keep(self, indices: Sequence[int]) -> None:
         self.rows = [self.rows[i] for i in indices]
         self.prompt_len = self.prompt_len[list(indices)]
+        if self.prompt_ids is not None:
+            self.prompt_ids = [self.prompt_ids[i] for i in indices]
         self._deltas.clear()
 
     def site_fns(self) -> dict[str, Callable]:
@@ -128,9 +146,13 @@ class RowTable:
                 groups.setdefault(as_positions(fn.positions), []).append(b)
         plen = self.prompt_len.to(positions.device)
         for spec, rows in groups.items():
-            index = torch.tensor(rows, device=positions.device)
-            mask[index] = spec.mask(positions[index], plen[index])
+            for b in rows:  # row by row: each row's prompt has its own length and marker
+                mask[b:b + 1] = spec.mask(positions[b:b + 1], plen[b:b + 1],
+                                          *_prompt_args(self._row_ids(b), positions.device))
         return mask
+
+    def _row_ids(self, b: int) -> Tensor | None:
+        return None if self.prompt_ids is None else torch.as_tensor(self.prompt_ids[b])[None]
 
     # --- anything else, row by row -------------------------------------------------------------
     def _per_row(self, act: Tensor, site: Site, ctx, positions: Tensor) -> Tensor:
@@ -140,7 +162,8 @@ class RowTable:
             return act
         out = list(act.unbind(0))
         for b in touched:
-            row_ctx = RowContext(site, ctx.model, positions[b:b + 1], self.prompt_len[b:b + 1])
+            row_ctx = RowContext(site, ctx.model, positions[b:b + 1], self.prompt_len[b:b + 1],
+                                 self._row_ids(b))
             row_act = act[b:b + 1]
             for fn in self.rows[b][site]:
                 new = fn(row_act, row_ctx)
