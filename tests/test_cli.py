@@ -19,8 +19,7 @@ RETIRED = {"--n", "--tokens", "--layer", "--multipliers", "--alpha", "--limit", 
 # a short flag means one thing everywhere
 SHORT = {"-m": "--model", "-o": "--out", "-n": "--max-new-tokens", "-s": "--scale", "-l": "--layers",
          "-p": "--prompt", "-t": "--task", "-b": "--batch-size", "-v": "--vector"}
-# commands added by another change at the same time that still need --overwrite (cli/decomp.py)
-NO_OVERWRITE_YET = {"sae bench", "sae transcoders", "sae graph"}
+NO_OVERWRITE_YET: set[str] = set()
 # the same thing has the same default
 DEFAULTS = {"--context-length": CONTEXT_LENGTH, "--n-prompts": N_PROMPTS}
 

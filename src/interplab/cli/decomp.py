@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from interplab.cli.options import OverwriteOpt, prepare_out
 from interplab.cli.sae import ModelOpt, SiteOpt, _console, _load_model, _load_sae, _user_errors, app
 
 
@@ -22,6 +23,7 @@ def bench(
     ks: Annotated[str, typer.Option(help="Comma-separated numbers of latents for k-sparse probing.")] = "1,2,5,10,20",
     max_tokens: Annotated[int, typer.Option(help="Word tokens from the tokenizer to build the tasks from.")] = 4000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Feature absorption (first letter) and k-sparse probing per SAE: a results table each and a
     comparison plot across them."""
@@ -30,6 +32,7 @@ def bench(
     with _user_errors():
         k_values = _ints(ks, "--ks")
         saes = [_load_sae(path, site) for path in sae_paths]
+        prepare_out(out, overwrite)
     handle = _load_model(model, saes[0])
     tables = []
     with _user_errors():
@@ -64,6 +67,7 @@ def transcoders(
     n_tokens: Annotated[Optional[int], typer.Option(help="Tokens read per pass (default: all).")] = None,
     eval_contexts: Annotated[int, typer.Option(help="Windows after the training ones to measure CE recovered on (0: skip).")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a transcoder per layer from one harvest pass, save them, and splice them in for the MLPs."""
     from interplab.sae.store import corpus_windows
@@ -71,6 +75,8 @@ def transcoders(
     from interplab.sae.transcoder import save_transcoders
     from interplab.sae.transcoder_train import evaluate_transcoders, train_transcoders
 
+    with _user_errors():
+        prepare_out(out, overwrite)
     handle = _load_model(model)
     with _user_errors():
         chosen = list(range(handle.n_layers)) if layers == "all" else _ints(layers, "--layers", minimum=0)
@@ -96,6 +102,7 @@ def graph(
     edge_threshold: Annotated[float, typer.Option(help="Fraction of edge influence to keep.")] = 0.98,
     batch_size: Annotated[int, typer.Option(help="Targets per backward pass.")] = 64,
     check: Annotated[int, typer.Option(help="Ablate this many top features and compare with the graph (0: no check).")] = 3,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Attribution graph of one prompt: pruned JSON, a standalone HTML page, and an intervention check."""
     from interplab.files import write_json
@@ -109,6 +116,7 @@ def graph(
         loaded = load_transcoders(transcoders_path)
         if not loaded:
             raise ValueError(f"{transcoders_path} holds no transcoder")
+        prepare_out(out, overwrite)
     handle = _load_model(model or next(iter(loaded.values())).cfg.model_id)
     with _user_errors():
         ids = handle.require_tokenizer()(prompt, return_tensors="pt")["input_ids"][0]

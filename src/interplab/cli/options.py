@@ -34,10 +34,12 @@ MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Ne
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 ChatOpt = Annotated[Optional[bool], typer.Option(
     "--chat/--no-chat", help="Apply the chat template. [default: when the model has one]", show_default=False)]
-ScaleOpt = Annotated[float, typer.Option("--scale", "-s", help="Strength of the edit: the vector's multiplier.")]
+ScaleOpt = Annotated[float, typer.Option("--scale", "-s", help="Strength of the edit (the vector is multiplied by it).")]
 ScalesOpt = Annotated[str, typer.Option(help="A sweep of scales, comma-separated, e.g. '-2,-1,0,1,2'.")]
 PositionsOpt = Annotated[str, typer.Option(
-    help="Where to add the vector: all, caa (from the end of the instruction on) or actadd.")]
+    help="Where to add the vector: all; caa (the paper's rule: from the first token after the chat "
+         "template's assistant header on); caa_tail (from the end of the user's message on, template "
+         "included); or actadd (a position-aligned ActAdd vector).")]
 
 
 def parse_numbers(text: str, what: str = "number") -> list[float]:

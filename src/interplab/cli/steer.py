@@ -23,7 +23,7 @@ vector_app = typer.Typer(no_args_is_help=True, help="Build, evaluate and convert
 LayersOpt = Annotated[Optional[str], typer.Option(
     "--layers", "-l", help="Block indices: '6,10,14', a range '4-12', or 'all'. [default: all, or the vector's layers]",
     show_default=False)]
-POSITION_MODES = ("all", "caa", "actadd")
+POSITION_MODES = ("all", "caa", "caa_tail", "actadd")
 
 
 def register(app: typer.Typer) -> None:
@@ -286,7 +286,7 @@ def _print_report(result) -> None:
 
 def _print_sweep(rows) -> None:
     mults = sorted({r.scale for r in rows})
-    typer.echo("A/B p(match) by layer (rows) and multiplier (columns)")
+    typer.echo("A/B p(match) by layer (rows) and scale (columns)")
     typer.echo("layer " + " ".join(f"{m:>7g}" for m in mults))
     for layer in sorted({r.layer for r in rows}):
         cells = {r.scale: r.p_match for r in rows if r.layer == layer}
