@@ -41,7 +41,7 @@ def test_lens_matches_logit_lens_and_attention_rows_sum_to_one(server, tinystori
     r = httpx.post(server.url + "/api/lens", json={"prompt": prompt, "layer": 1, "head": 3}, timeout=60).json()
     expected = logit_lens(tinystories, prompt, top_k=3)
     assert r["rows"] == expected.rows and r["tokens"] == expected.tokens[0]
-    torch.testing.assert_close(torch.tensor(r["top_probs"]), expected.top_probs[0].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(r["top_probs"]), expected.top_log_probs[0].exp().float(), atol=1e-5, rtol=0)
     pattern = torch.tensor(r["attention"]["pattern"])
     torch.testing.assert_close(pattern.sum(-1), torch.ones(len(r["tokens"])), atol=1e-4, rtol=0)
     assert torch.equal(pattern.triu(1), torch.zeros_like(pattern))  # causal

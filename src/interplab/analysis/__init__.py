@@ -9,6 +9,7 @@ patching, the logit lens, direct logit attribution and embedding arithmetic.
 
 from interplab.analysis.ablation import (Direction, DirectionAblate, ablate, ablated_metric, ablation_sweep,
                                          sweep_summary)
+from interplab.analysis.attention import AttentionPattern, attention_pattern
 from interplab.analysis.cells import Target, capture_run, final_logits, run_cells
 from interplab.analysis.attribution import activation_gradients, compare_grids
 from interplab.analysis.components import Component, parse_component, parse_layers
@@ -21,7 +22,7 @@ from interplab.analysis.report import Grid
 from interplab.analysis.tasks import EncodedTask, Task, ioi_task, load_facts, score
 
 __all__ = [
-    "Component", "DLAResult", "Direction", "DirectionAblate", "EncodedTask", "Grid", "LensResult", "PatchScore",
+    "AttentionPattern", "attention_pattern", "Component", "DLAResult", "Direction", "DirectionAblate", "EncodedTask", "Grid", "LensResult", "PatchScore",
     "PatchSetup", "Target", "Task", "capture_run", "final_logits", "prepare", "run_cells", "ablate", "ablated_metric", "ablation_sweep", "activation_gradients", "compare_grids",
     "direct_logit_attribution", "embedding_arithmetic", "final_norm", "ioi_task", "lens_logits", "load_facts",
     "logit_lens", "nearest_tokens", "parse_component", "parse_expression", "parse_layers", "patch_components",

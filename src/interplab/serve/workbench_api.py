@@ -149,8 +149,8 @@ def _finite(value):
 
 
 def _lens(state: ServerState, body: LensRequest) -> dict:
+    from interplab.analysis.attention import attention_pattern
     from interplab.analysis.lens import logit_lens
-    from interplab.cache import capture
 
     model = state.model
     if not 0 <= body.layer < model.n_layers or not 0 <= body.head < model.n_heads:
@@ -160,8 +160,7 @@ def _lens(state: ServerState, body: LensRequest) -> dict:
     with state.engine.model_lock:
         result = logit_lens(model, body.prompt, top_k=body.top_k)
         with _eager_attention(model):
-            site = f"blocks.{body.layer}.attn.hook_pattern"
-            pattern = capture(model, [site], [body.prompt])[site][0, body.head]  # (heads, q, k) -> (q, k)
+            pattern = attention_pattern(model, body.prompt, body.layer, body.head).pattern  # (q, k)
     n = len(result.tokens[0])
     return {"tokens": result.tokens[0], "rows": result.rows, "n_prompt_tokens": len(ids),
             "top_tokens": [[cell[:body.top_k] for cell in row[:n]] for row in result.top_tokens[0]],
