@@ -199,7 +199,8 @@ def test_cli_distribute_sites_at_world_size_one(tinystories, corpus, tmp_path):
     assert result.exit_code == 0, result.output
     for site in dist_worker.SITES:  # one process owns every site
         assert load_sae(tmp_path / "run" / "rank_000" / site).cfg.site == site
-    bad = CliRunner().invoke(app, [a.replace("bf16", "fp8") for a in args])
+    bad = CliRunner().invoke(app, [a.replace("bf16", "fp8").replace(str(tmp_path / "run"), str(tmp_path / "other"))
+                                   for a in args])
     assert bad.exit_code == 2 and "precision must be one of" in bad.output
     one_site = CliRunner().invoke(app, [a for a in args if a != "--distribute-sites"])
     assert one_site.exit_code == 2 and "blocks.0.hook_resid_post,blocks.1" in one_site.output

@@ -99,7 +99,7 @@ def test_feature_logit_bias_raises_the_features_top_tokens(client, server, tinys
 
     entry = server.state.saes.entries["ts"]
     feature = 3
-    bias = FeatureLogitBias(tinystories, entry.sae, feature, alpha=10.0)
+    bias = FeatureLogitBias(tinystories, entry.sae, feature, scale=10.0)
     top = set(bias.bias.topk(20).indices.tolist())
     ids = tinystories.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -73,6 +73,6 @@ def test_ab_numbers_match_the_library(smollm, tmp_path):
     assert got["baseline"]["p_match"] == pytest.approx(base[0], abs=1e-5)
     assert got["steered"]["p_match"] == pytest.approx(steered[0], abs=1e-5)
     assert got["steered"]["p_match"] != pytest.approx(base[0], abs=1e-3)
-    damage = evaluate.damage(smollm, vector, layers=[10], multipliers=[4.0])[0]
+    damage = evaluate.damage(smollm, vector, layers=[10], scales=[4.0])[0]
     assert got["damage"] == pytest.approx(damage.delta_ce, abs=1e-4)
     assert got["kl"] == pytest.approx(damage.kl, abs=1e-4)
