@@ -214,3 +214,20 @@ def test_user_errors_are_one_line_exit_2(error, line):
 def test_message_rules():
     assert user_error_message(TypeError("x")) is None
     assert user_error_message(ValueError("a\nb")) == "a\nb"  # joined into one line when printed
+
+
+def test_sae_steer_refuses_a_feature_the_sae_lacks(tmp_path):
+    """`sae steer` / `compare-steering` check the latent index against the SAE before loading a model."""
+    from interplab.sae import SAE, SAEConfig
+    from interplab.sae.formats import save_sae
+
+    folder = tmp_path / "sae"
+    save_sae(SAE(SAEConfig(d_in=8, d_sae=16, family="topk", k=2, site="blocks.0.hook_resid_post",
+                           model_id="nowhere/no-model")), folder)
+    for command in (["steer", str(folder), "--feature", "16", "--prompt", "hi"],
+                    ["compare-steering", str(folder), "--feature", "99", "--neutral", str(tmp_path),
+                     "--prompt", "hi"]):
+        result = runner.invoke(app, ["sae", *command])
+        assert result.exit_code == 2, result.output
+        assert "out of range: this SAE has 16 latents (valid 0..15)" in result.output
+        assert "Traceback" not in result.output

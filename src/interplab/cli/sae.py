@@ -60,6 +60,14 @@ def _check_site_early(site: str, model: str) -> None:
     parse_site(site, n_layers if n_layers is not None else 10**9)
 
 
+def _check_feature(sae, feature: int) -> None:
+    """Refuse a latent index the SAE does not have, before the model loads."""
+    d_sae = sae.cfg.d_sae
+    if not 0 <= feature < d_sae:
+        raise UserInputError(f"feature {feature} is out of range: this SAE has {d_sae} latents "
+                             f"(valid 0..{d_sae - 1})")
+
+
 def _load_sae(path: Path, site: str | None = None):
     from interplab.sae.formats import load_sae
 
