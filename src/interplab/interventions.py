@@ -356,11 +356,16 @@ class ResampleAblate(Intervention):
 
         def resample(act, ctx):
             rows = torch.randint(source.shape[0], (act.shape[0],), generator=generator)
-            values = _gather_positions(source, rows.to(source.device),
-                                       ctx.positions(act).to(source.device), ctx.site)
-            return _replace(act, values.to(act.device), ctx, positions, index)
+            return _write_rows(act, ctx, source, rows, positions, index)
 
         return resample
+
+
+def _write_rows(act: Tensor, ctx, source: Tensor, rows: Tensor, positions, index) -> Tensor:
+    """Write `source[rows]`, matched by absolute position, into `act` at the selected tokens
+    (what resample ablation and patching share)."""
+    values = _gather_positions(source, rows.to(source.device), ctx.positions(act).to(source.device), ctx.site)
+    return _replace(act, values.to(act.device), ctx, positions, index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,9 +392,7 @@ class Patch(Intervention):
                                      f"the run has {act.shape[0]}; give one row or one per input")
             rows = (torch.arange(act.shape[0]) if source.shape[0] > 1
                     else torch.zeros(act.shape[0], dtype=torch.long))
-            values = _gather_positions(source, rows.to(source.device),
-                                       ctx.positions(act).to(source.device), ctx.site)
-            return _replace(act, values.to(act.device), ctx, positions, index)
+            return _write_rows(act, ctx, source, rows, positions, index)
 
         return write
 

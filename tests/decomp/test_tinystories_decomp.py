@@ -5,9 +5,7 @@ is complete, prunes to the influence it reports, and its top features move the l
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,14 +28,6 @@ attention and norms and its linearised features overestimate the effect on this 
 STEERING_MAX_RATIO = 1.5
 """Upper bound of measured / predicted when they are doubled (the sign must agree; the size was
 0.03–0.55 of the prediction when this test was written)."""
-
-
-@pytest.fixture(scope="module")
-def corpus() -> Path:
-    path = Path(os.environ["INTERPLAB_SHARED"]) / "data" / "tinystories_sample.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return path
 
 
 @pytest.fixture(scope="module")

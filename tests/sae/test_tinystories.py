@@ -7,9 +7,7 @@ Targets (on held-out windows): FVU <= 0.15, CE loss recovered >= 0.85, L0 <= 32,
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,14 +31,6 @@ for 1,000 steps, ran the model on about 9x as many tokens for the same targets."
 TRAIN_STEPS = 600
 HELD_OUT_FROM = 3600
 """First held-out window (the sample holds about 3,990 windows of 128 tokens)."""
-
-
-@pytest.fixture(scope="module")
-def corpus() -> Path:
-    path = Path(os.environ["INTERPLAB_SHARED"]) / "data" / "tinystories_sample.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    return path
 
 
 @pytest.fixture(scope="module")
