@@ -19,6 +19,7 @@ def serve(
     vectors: Annotated[Optional[Path], typer.Option(help="Folder of steering vectors (one vector folder per name); uploads are saved there.")] = None,
     sae: Annotated[Optional[list[str]], typer.Option("--sae", help="NAME=FOLDER of an SAE to steer with (repeatable).")] = None,
     features: Annotated[Optional[list[str]], typer.Option("--features", help="[NAME=]INDEX.sqlite: the feature index of an SAE (repeatable; NAME defaults to the only SAE).")] = None,
+    transcoders: Annotated[Optional[list[str]], typer.Option("--transcoders", help="[NAME=]FOLDER of transcoders (`interplab sae transcoders`) for attribution graphs (repeatable; NAME defaults to the folder's name).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (default: $INTERPLAB_API_KEY).")] = None,
     insecure_public: Annotated[bool, typer.Option("--insecure-public", help="Allow a non-loopback --host without an API key.")] = False,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", help="Allow browser requests from this origin (repeatable).")] = None,
@@ -27,6 +28,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Most tokens one request may generate.")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 2048,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body (uploads included), in MB.")] = 8.0,
+    graph_max_tokens: Annotated[int, typer.Option(help="Longest prompt an attribution graph is built for, in tokens.")] = 64,
+    graph_max_features: Annotated[int, typer.Option(help="Most feature nodes per layer in an attribution graph (the most active kept).")] = 256,
 ) -> None:
     """Serve MODEL: an OpenAI-compatible API with per-request steering, and the web workbench."""
     from interplab.cli.core import load_model
@@ -40,20 +43,25 @@ def serve(
         sae_specs = split_pairs(sae or [], "--sae")
         only = next(iter(sae_specs)) if len(sae_specs) == 1 else None
         index_specs = split_pairs(features or [], "--features", default_name=only)
+        transcoder_specs = split_pairs([t if "=" in t else f"{Path(t).name}={t}" for t in transcoders or []],
+                                       "--transcoders")
     except UserInputError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     handle = load_model(model)
     try:
         state, app = _build(handle, vectors, sae_specs, index_specs, key, cors, max_batch, max_queue, max_tokens,
-                            max_prompt_tokens, int(max_body_mb * 1024 * 1024))
+                            max_prompt_tokens, int(max_body_mb * 1024 * 1024),
+                            dict(transcoders=transcoder_specs, max_graph_tokens=graph_max_tokens,
+                                 max_graph_features=graph_max_features))
     except (ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     _run(app, host, port, key)
 
 
-def _build(handle, vectors, saes, indexes, key, cors, max_batch, max_queue, max_tokens, max_prompt_tokens, max_body):
+def _build(handle, vectors, saes, indexes, key, cors, max_batch, max_queue, max_tokens, max_prompt_tokens, max_body,
+           graphs: dict):
     from interplab.serve.app import create_app
     from interplab.serve.schemas import APIError
     from interplab.serve.server import build_state
@@ -61,7 +69,7 @@ def _build(handle, vectors, saes, indexes, key, cors, max_batch, max_queue, max_
     try:
         state = build_state(handle, vectors=str(vectors) if vectors else None, saes=saes, features=indexes,
                             api_key=key, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
-                            max_prompt_tokens=max_prompt_tokens, max_body=max_body)
+                            max_prompt_tokens=max_prompt_tokens, max_body=max_body, **graphs)
     except APIError as error:  # a bad vector or SAE name met while loading the registries
         raise ValueError(error.message) from None
     return state, create_app(state, cors=cors)

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from interplab.serve import openai_api, workbench_api
+from interplab.serve import graph_api, openai_api, workbench_api
 from interplab.serve.schemas import APIError, error_body
 from interplab.serve.security import Guard
 from interplab.serve.state import ServerState
@@ -30,7 +30,15 @@ def create_app(state: ServerState, *, cors: list[str] | None = None) -> FastAPI:
     app.state.interplab = state
     app.include_router(openai_api.router(state))
     app.include_router(workbench_api.router(state))
+    app.include_router(graph_api.router(state))
     _error_handlers(app)
+
+    @app.get("/static/graph.js", include_in_schema=False)
+    async def graph_script():  # the attribution graph's drawing script, shared with standalone pages
+        from interplab.graph.html import SCRIPT
+
+        return FileResponse(SCRIPT, media_type="text/javascript")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -151,3 +151,55 @@ def load_saes(model: LoadedModel, specs: dict[str, str], indexes: dict[str, str]
         FeatureIndex(path, sae=registry.entries[name].sae).close()  # refuses an index built from another SAE
         registry.entries[name].index_path = Path(path)
     return registry
+
+
+@dataclass
+class TranscoderRegistry:
+    """Named transcoder sets (folders written by `interplab sae transcoders`) for attribution graphs."""
+
+    sets: dict[str, dict] = field(default_factory=dict)
+    """name -> {layer: Transcoder}."""
+
+    def get(self, name: str | None, param: str = "transcoders") -> tuple[str, dict]:
+        """The set called `name` (None: the only one), or a 404 that lists the known sets."""
+        if name is None and len(self.sets) == 1:
+            name = next(iter(self.sets))
+        if name not in self.sets:
+            known = ", ".join(sorted(self.sets)) or "none (start the server with --transcoders NAME=FOLDER)"
+            what = "name a transcoder set" if name is None else f"unknown transcoder set {name!r}"
+            raise APIError(404, f"{what}; known sets: {known}", param=param, code="transcoders_not_found")
+        return name, self.sets[name]
+
+    def transcoder(self, name: str, layer: int):
+        name, layers = self.get(name)
+        if layer not in layers:
+            raise APIError(404, f"transcoder set {name!r} has no transcoder for layer {layer}; it has layers "
+                                f"{sorted(layers)}", param="layer", code="layer_not_found")
+        return layers[layer]
+
+    def describe(self) -> list[dict]:
+        return [{"name": name, "layers": sorted(layers),
+                 "d_sae": {str(L): tc.cfg.d_sae for L, tc in sorted(layers.items())},
+                 "family": sorted({tc.cfg.family for tc in layers.values()}),
+                 "skip": any(tc.cfg.skip for tc in layers.values()),
+                 "model_id": next(iter(layers.values())).cfg.model_id}
+                for name, layers in sorted(self.sets.items())]
+
+
+def load_transcoder_sets(model: LoadedModel, specs: dict[str, str]) -> TranscoderRegistry:
+    """Transcoder sets from --transcoders NAME=FOLDER, checked against the model's width and depth."""
+    from interplab.sae.transcoder import load_transcoders
+
+    registry = TranscoderRegistry()
+    for name, folder in specs.items():
+        check_name(name, "transcoder set")
+        layers = load_transcoders(folder)
+        if not layers:
+            raise ValueError(f"--transcoders {name}={folder}: the folder lists no transcoder")
+        for layer, tc in layers.items():
+            if not 0 <= layer < model.n_layers or tc.cfg.d_in != model.d_model or tc.cfg.d_out != model.d_model:
+                raise ValueError(f"--transcoders {name}={folder}: the transcoder for layer {layer} reads "
+                                 f"d_in={tc.cfg.d_in}, writes d_out={tc.cfg.d_out}, but {model.model_id} has "
+                                 f"{model.n_layers} blocks of width {model.d_model}")
+        registry.sets[name] = {layer: tc.to(model.device) for layer, tc in layers.items()}
+    return registry

@@ -124,3 +124,18 @@ class ABRequest(BaseModel):
     dataset: str
     steering: list[Edit] = Field(min_length=1)
     n_pairs: int = Field(default=16, ge=1, le=200)
+
+
+class GraphRequest(BaseModel):
+    """An attribution graph of one prompt's last position (interplab.graph), pruned by influence."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    transcoders: str | None = None
+    """The transcoder set (default: the only one)."""
+    target: Union[int, str, None] = None
+    """The target token (a single-token string or an id); default: the model's top prediction."""
+    node_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    edge_threshold: float = Field(default=0.98, gt=0.0, le=1.0)
+    max_features_per_layer: int | None = Field(default=None, ge=1)
+    """Keep the most active features per layer (default and maximum: the server's --graph-max-features)."""

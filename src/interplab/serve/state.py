@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from interplab.models.handle import LoadedModel
 from interplab.serve.engine import Engine
-from interplab.serve.registry import SAERegistry, VectorRegistry
+from interplab.serve.registry import SAERegistry, TranscoderRegistry, VectorRegistry
 from interplab.serve.schemas import APIError
 from interplab.tokens import max_positions
 
@@ -20,6 +20,11 @@ class Limits:
     """Longest prompt accepted, in tokens (--max-prompt-tokens)."""
     max_body: int = 8 * 1024 * 1024
     """Largest request body in bytes (uploads included)."""
+    max_graph_tokens: int = 64
+    """Longest prompt an attribution graph is built for, in tokens (--graph-max-tokens)."""
+    max_graph_features: int = 256
+    """Most feature nodes per layer in a graph, the most active kept (--graph-max-features); the
+    others go into the layer's error nodes, so the graph stays exact."""
 
 
 @dataclass
@@ -34,6 +39,8 @@ class ServerState:
     datasets: dict = field(default_factory=dict)
     """Contrast sets for the playground's A/B numbers: name -> path of a CAA / pairs file."""
     started: int = field(default_factory=lambda: int(time.time()))
+    transcoders: TranscoderRegistry = field(default_factory=TranscoderRegistry)
+    """Transcoder sets for attribution graphs."""
 
     def __post_init__(self) -> None:
         self.model_name = self.model_name or self.model.model_id

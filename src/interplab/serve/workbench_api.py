@@ -27,6 +27,7 @@ def router(state: ServerState) -> APIRouter:
     async def info():
         return {"model": state.model_name, **state.model.describe(), "context_window": state.window,
                 "vectors": state.vectors.describe(), "saes": state.saes.describe(),
+                "transcoders": state.transcoders.describe(),
                 "datasets": sorted(state.datasets), "limits": vars(state.limits)}
 
     @api.get("/vectors")

@@ -1,0 +1,128 @@
+"""The workbench's attribution graph routes return interplab.graph's own graph, refuse bad input
+with a 4xx and stay up. A tiny random llama with random transcoders keeps this fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from tests.decomp.test_graph import _transcoders  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
+
+PROMPT = "the cat sat on the mat ."
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from interplab.sae.transcoder import save_transcoders
+    from interplab.serve.app import create_app
+    from interplab.serve.server import build_state
+
+    folder = save_transcoders(_transcoders(), tmp_path_factory.mktemp("tc") / "tc")
+    state = build_state(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={},
+                        max_graph_tokens=10, max_graph_features=40)
+    with TestClient(create_app(state)) as test_client:
+        yield test_client
+
+
+def _library_graph(target=None, node_threshold=0.8, edge_threshold=0.98, cap=40):
+    from interplab.graph.attribution import attribute
+    from interplab.graph.prune import prune
+
+    model = tiny_model("llama")
+    ids = torch.tensor(model.tokenizer(PROMPT)["input_ids"])
+    full = attribute(model, _transcoders(), ids, target=target, max_features_per_layer=cap)
+    return prune(full, node_threshold=node_threshold, edge_threshold=edge_threshold).to_dict()
+
+
+def _assert_same_graph(got: dict, want: dict) -> None:
+    assert got["format_version"] == want["format_version"] == 1
+    assert got["tokens"] == want["tokens"] and got["target"]["token_id"] == want["target"]["token_id"]
+    assert [(n["kind"], n["layer"], n["position"], n["feature"]) for n in got["nodes"]] == \
+           [(n["kind"], n["layer"], n["position"], n["feature"]) for n in want["nodes"]]
+    torch.testing.assert_close(torch.tensor([n["value"] for n in got["nodes"]]),
+                               torch.tensor([n["value"] for n in want["nodes"]]))
+    assert [(e["source"], e["target"]) for e in got["edges"]] == [(e["source"], e["target"]) for e in want["edges"]]
+    torch.testing.assert_close(torch.tensor([e["weight"] for e in got["edges"]]),
+                               torch.tensor([e["weight"] for e in want["edges"]]))
+    floats = {k for k, v in want["meta"].items() if isinstance(v, float)}
+    assert {k: v for k, v in got["meta"].items() if k not in floats} == {k: v for k, v in want["meta"].items() if k not in floats}
+    assert {k: got["meta"][k] for k in floats} == pytest.approx({k: want["meta"][k] for k in floats})
+
+
+def test_graph_route_returns_the_library_graph(client):
+    info = client.get("/api/info").json()
+    assert info["transcoders"] == [{"name": "tc", "layers": [0, 2], "d_sae": {"0": 64, "2": 64},
+                                    "family": ["topk"], "skip": True, "model_id": None}]
+    r = client.post("/api/graph", json={"prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    _assert_same_graph(got, _library_graph())
+    assert got["meta"]["pruned"] and got["meta"]["features_total"] > got["meta"]["features_kept"] > 0
+    r = client.post("/api/graph", json={"prompt": PROMPT, "transcoders": "tc", "target": "dog",
+                                        "node_threshold": 0.5, "edge_threshold": 0.9, "max_features_per_layer": 8})
+    assert r.status_code == 200, r.text
+    _assert_same_graph(r.json(), _library_graph("dog", 0.5, 0.9, cap=8))
+    assert r.json()["target"]["token"] == "dog" and r.json()["meta"]["features_total"] == 16  # 8 per layer
+
+
+def test_feature_logit_effects_follow_the_unembedding(client):
+    model = tiny_model("llama")
+    transcoder = _transcoders()[2]
+    r = client.get("/api/transcoders/tc/layers/2/features/5?n=4")
+    assert r.status_code == 200, r.text
+    card = r.json()
+    gamma = model.hf.model.norm.weight.detach()
+    effects = model.hf.lm_head.weight.detach() @ (gamma * transcoder.W_dec[5].detach() / transcoder.output_scale)
+    top = effects.topk(4)
+    assert [t for t, _ in card["promoted"]] == [model.tokenizer.decode([int(i)]) for i in top.indices]
+    torch.testing.assert_close(torch.tensor([v for _, v in card["promoted"]]), top.values, rtol=1e-5, atol=1e-6)
+    assert card["suppressed"][0][1] == pytest.approx(float(effects.min()), rel=1e-5)
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("post", "/api/graph", {"prompt": " ".join(["the"] * 11)}, 400, ["11 tokens", "--graph-max-tokens"]),
+    ("post", "/api/graph", {"prompt": PROMPT, "target": "the cat"}, 400, ["single token"]),
+    ("post", "/api/graph", {"prompt": PROMPT, "target": 500}, 400, ["outside the vocabulary"]),
+    ("post", "/api/graph", {"prompt": PROMPT, "transcoders": "nope"}, 404, ["nope", "tc"]),
+    ("post", "/api/graph", {"prompt": PROMPT, "max_features_per_layer": 41}, 400, ["--graph-max-features"]),
+    ("post", "/api/graph", {"prompt": PROMPT, "node_threshold": 0}, 422, ["node_threshold"]),
+    ("post", "/api/graph", {"prompt": ""}, 422, ["prompt"]),
+    ("get", "/api/transcoders/tc/layers/1/features/0", None, 404, ["layer 1", "[0, 2]"]),
+    ("get", "/api/transcoders/tc/layers/0/features/64", None, 400, ["64 latents"]),
+    ("get", "/api/transcoders/other/layers/0/features/0", None, 404, ["other"]),
+])
+def test_bad_input_is_answered_and_the_server_stays_up(client, method, path, body, status, words):
+    r = client.post(path, json=body) if method == "post" else client.get(path)
+    assert r.status_code == status, r.text
+    for word in words:
+        assert word in r.json()["error"]["message"], r.json()
+    assert client.get("/api/transcoders").json()["data"][0]["name"] == "tc"
+
+
+def test_unsupported_architecture_is_a_400(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from interplab.sae.transcoder import Transcoder, TranscoderConfig, save_transcoders
+    from interplab.serve.app import create_app
+    from interplab.serve.server import build_state
+
+    folder = save_transcoders({0: Transcoder(TranscoderConfig(d_in=32, d_out=32, d_sae=8, layer=0, k=2))}, tmp_path / "tc")
+    state = build_state(tiny_model("gpt2"), transcoders={"tc": str(folder)}, datasets={})
+    with TestClient(create_app(state)) as client:
+        r = client.post("/api/graph", json={"prompt": "the cat sat"})
+        assert r.status_code == 400 and "Llama family" in r.json()["error"]["message"]
+
+
+def test_transcoders_of_another_width_are_refused_at_start(tmp_path):
+    from interplab.sae.transcoder import Transcoder, TranscoderConfig, save_transcoders
+    from interplab.serve.server import build_state
+
+    folder = save_transcoders({5: Transcoder(TranscoderConfig(d_in=32, d_out=32, d_sae=8, layer=5, k=2))}, tmp_path / "tc")
+    with pytest.raises(ValueError, match="layer 5 .* 3 blocks of width 32"):
+        build_state(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={})
