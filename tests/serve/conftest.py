@@ -70,6 +70,29 @@ def _sample():
 
 
 @pytest.fixture(scope="session")
+def ts_transcoders(tinystories, tmp_path_factory):
+    """Random-init transcoders for both of TinyStories' blocks (a set folder), with input and output
+    scales set from the model's MLP inputs and outputs on a sample (untrained, but their features
+    write as much as the MLPs do, so the graphs have feature-to-feature edges worth drawing)."""
+    from interplab.cache import capture
+    from interplab.sae.transcoder import Transcoder, TranscoderConfig, save_transcoders
+
+    text = " ".join(open(_sample(), encoding="utf-8").read().split("\n")[:8])
+    ids = tinystories.require_tokenizer()(text, return_tensors="pt")["input_ids"][:, :256]
+    layers = range(tinystories.n_layers)
+    cache = capture(tinystories, [f"blocks.{L}.{kind}" for L in layers for kind in ("hook_resid_mid", "hook_mlp_out")], ids)
+    g = torch.Generator().manual_seed(0)
+    transcoders = {}
+    for L in layers:
+        tc = Transcoder(TranscoderConfig(d_in=128, d_out=128, d_sae=64, layer=L, k=8), generator=g).eval()
+        with torch.no_grad():
+            x = tinystories.block_module(L, tinystories.arch.ln2)(cache[f"blocks.{L}.hook_resid_mid"][0])  # the MLP input
+        tc.init_from_data_(x, cache[f"blocks.{L}.hook_mlp_out"][0])
+        transcoders[L] = tc
+    return save_transcoders(transcoders, tmp_path_factory.mktemp("transcoders") / "tc")
+
+
+@pytest.fixture(scope="session")
 def vectors_dir(tinystories, tmp_path_factory):
     """A registry folder with two vectors of the model's width (random directions, fixed seeds)."""
     from interplab.steering.vector import SteeringVector
@@ -83,9 +106,10 @@ def vectors_dir(tinystories, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(tinystories, ts_sae, vectors_dir):
+def server(tinystories, ts_sae, vectors_dir, ts_transcoders):
     running, state = start(tinystories, vectors=str(vectors_dir), saes={"ts": str(ts_sae[0])},
-                           features={"ts": str(ts_sae[1])}, gather_s=0.05, max_tokens=64)
+                           features={"ts": str(ts_sae[1])}, gather_s=0.05, max_tokens=64,
+                           transcoders={"tc": str(ts_transcoders)})
     running.state = state
     yield running
     running.stop()

@@ -3,6 +3,7 @@ a screenshot of each view into docs/figures/serve/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,3 +121,56 @@ def test_lens_view_shows_heatmap_and_attention(browser, server, tinystories):
     n_tokens = len(rows) - 1
     assert n_tokens > 5 and len(rows[1].find_elements(By.TAG_NAME, "td")) == n_tokens
     shot(browser, "lens.png")
+
+
+GRAPH_PROMPT = "Once upon a time, there was a little girl named"
+
+
+def _library_graph(model, transcoders_dir):
+    from interplab.graph.attribution import attribute
+    from interplab.graph.prune import prune
+    from interplab.sae.transcoder import load_transcoders
+
+    ids = model.require_tokenizer()(GRAPH_PROMPT, return_tensors="pt")["input_ids"][0]
+    return prune(attribute(model, load_transcoders(transcoders_dir), ids, max_features_per_layer=256)).to_dict()
+
+
+def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, tinystories, ts_transcoders, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from interplab.files import write_json
+
+    expected = _library_graph(tinystories, ts_transcoders)
+    browser.get(server.url + "/")
+    wait(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
+    browser.find_element(By.CSS_SELECTOR, ".tab[data-view=graph]").click()
+    by_id(browser, "graph-prompt").clear()
+    by_id(browser, "graph-prompt").send_keys(GRAPH_PROMPT)
+    by_id(browser, "graph-build").click()
+    nodes = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#graph-svg .node"), timeout=120)
+    assert len(nodes) == len(expected["nodes"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph-svg line.edge")) == len(expected["edges"])
+    assert by_id(browser, "status").text == ""
+    feature = max((n for n in nodes if n.get_attribute("data-kind") == "feature"),
+                  key=lambda n: expected["nodes"][int(n.get_attribute("data-i"))]["influence"])
+    node = expected["nodes"][int(feature.get_attribute("data-i"))]
+    feature.click()
+    promoted = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#graph-card .graph-promoted tr"))
+    assert len(promoted) == 8
+    card = by_id(browser, "graph-card").text
+    assert f"L{node['layer']} #{node['feature']}" in card and f"influence {node['influence']:.4f}" in card
+    assert browser.find_elements(By.CSS_SELECTOR, "#graph-card .graph-inputs tr")  # its strongest inputs
+    shot(browser, "graph.png")
+    # a graph.json written by the CLI opens from a file: the same drawing, the graph's own numbers
+    write_json(tmp_path / "graph.json", expected)
+    by_id(browser, "graph-file").send_keys(str(tmp_path / "graph.json"))
+    wait(browser, lambda d: "opened from a file" in by_id(d, "graph-summary").text)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph-svg .node")) == len(expected["nodes"])
+    # the standalone page (what `interplab sae graph` writes) inlines the same script and draws the same
+    from interplab.graph.html import write_graph_html
+
+    browser.get((write_graph_html(expected, tmp_path / "graph.html")).as_uri())
+    standalone = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#g .node"))
+    assert len(standalone) == len(expected["nodes"])
+    standalone[-1].click()  # the logit
+    assert by_id(browser, "card").text.startswith(f"logit {json.dumps(expected['target']['token'])}")

@@ -126,3 +126,16 @@ def test_transcoders_of_another_width_are_refused_at_start(tmp_path):
     folder = save_transcoders({5: Transcoder(TranscoderConfig(d_in=32, d_out=32, d_sae=8, layer=5, k=2))}, tmp_path / "tc")
     with pytest.raises(ValueError, match="layer 5 .* 3 blocks of width 32"):
         build_state(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={})
+
+
+def test_the_page_and_the_standalone_file_share_one_drawing_script(client):
+    from interplab.graph.html import graph_html, graph_script
+
+    served = client.get("/static/graph.js")
+    assert served.status_code == 200 and "javascript" in served.headers["content-type"]
+    assert served.text == graph_script() and "function renderGraph(" in served.text
+    page = client.get("/").text
+    assert page.index('src="/static/graph.js"') < page.index('src="/static/app.js"')
+    data = {"format_version": 1, "tokens": ["a"], "target": {"token": "__DATA__"}, "meta": {}, "nodes": [], "edges": []}
+    standalone = graph_html(data)
+    assert graph_script() in standalone and standalone.count('"__DATA__"') == 1  # placeholders filled once

@@ -31,7 +31,7 @@ function checkGraph(G) {
 
 // Row of a node: embeddings at the bottom (0), layer L at L + 1, the logit on top.
 function graphLayout(G) {
-  const nLayers = Math.max(0, ...G.nodes.map((n) => (n.layer === null ? 0 : n.layer))) + 1;
+  const nLayers = Math.max(0, ...G.nodes.filter((n) => n.kind !== "logit").map((n) => (n.layer === null ? 0 : n.layer))) + 1;
   const width = GRAPH_COLUMN * G.tokens.length + 80, height = GRAPH_ROW * (nLayers + 2) + 60;
   const row = (n) => (n.kind === "embedding" ? 0 : n.kind === "logit" ? nLayers + 1 : n.layer + 1);
   const count = {}, rank = [];
@@ -50,14 +50,17 @@ function graphSvg(tag, attributes) {
   return element;
 }
 
-// Draw graph G into the <svg> element `svg`; a click on a node fills `card`. `options.extraCard(node,
-// index)` may return a promise of more HTML for the card (the workbench adds a feature's logit effects).
+// Draw graph G into the <svg> element `svg`; a click on a node fills `card`. Options: `extraCard(node,
+// index)` may return a promise of more HTML for the card (the workbench adds a feature's logit
+// effects); `fitWidth` (px) shrinks a wider drawing to that width, down to half size (then it scrolls).
 function renderGraph(G, svg, card, options = {}) {
   checkGraph(G);
   const { width, height, points } = graphLayout(G);
+  const scale = options.fitWidth && width > options.fitWidth ? Math.max(0.5, options.fitWidth / width) : 1;
   svg.innerHTML = "";
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", Math.round(width * scale));
+  svg.setAttribute("height", Math.round(height * scale));
   const maxWeight = Math.max(1e-9, ...G.edges.map((e) => Math.abs(e.weight)));
   const lines = G.edges.map((e) => {
     const s = points[e.source], t = points[e.target];

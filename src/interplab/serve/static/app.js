@@ -227,6 +227,58 @@ $("lens-run").addEventListener("click", async () => {
   } catch (error) { say(error.message); }
 });
 
+// --- attribution graph (drawn by graph.js, the script the standalone graph.html inlines) ------
+function showGraph(G, transcoders) {
+  // a graph built here: feature cards add the transcoder's logit effects; one opened from a file
+  // may come from other transcoders, so its cards show only the graph's own numbers
+  const extraCard = transcoders ? (node) => graphFeatureEffects(transcoders, node) : null;
+  renderGraph(G, $("graph-svg"), $("graph-card"), { extraCard, fitWidth: $("graph-svg").parentElement.clientWidth - 4 });
+  $("graph-card").innerHTML = "<p class='muted'>Click a node.</p>";
+  delete $("graph-card").dataset.node;
+  const m = G.meta || {}, t = G.target || {};
+  const kept = m.pruned ? ` · ${m.features_kept}/${m.features_total} features kept (${(100 * m.node_influence_kept).toFixed(1)}% of the influence)` : "";
+  const prob = t.probability === undefined ? "" : ` (p = ${t.probability.toFixed(3)})`;
+  $("graph-summary").textContent = `target ${JSON.stringify(t.token)}${prob} after ${G.tokens.length} tokens · ` +
+    `${G.nodes.length} nodes, ${G.edges.length} edges${kept}` + (transcoders ? "" : " · opened from a file");
+}
+
+async function graphFeatureEffects(transcoders, node) {
+  if (node.kind !== "feature") return "";
+  const r = await api(`/api/transcoders/${encodeURIComponent(transcoders)}/layers/${node.layer}/features/${node.feature}?n=8`);
+  const rows = (list, cls) => list.map(([t, v]) => `<tr><td>${escapeHtml(JSON.stringify(t))}</td><td class="${cls}">${v.toFixed(3)}</td></tr>`).join("");
+  return `<h4>logit effects <span class="muted">(per unit of activation)</span></h4><div class="effects">
+    <div><h4>Promotes</h4><table class="graph-promoted">${rows(r.promoted, "pos")}</table></div>
+    <div><h4>Suppresses</h4><table>${rows(r.suppressed, "neg")}</table></div></div>`;
+}
+
+$("graph-build").addEventListener("click", async () => {
+  say("");
+  const transcoders = $("graph-transcoders").value;
+  if (!transcoders) { say("This server has no transcoders: start it with --transcoders NAME=FOLDER."); return; }
+  const body = { prompt: $("graph-prompt").value, transcoders,
+    node_threshold: Number($("graph-node-threshold").value), edge_threshold: Number($("graph-edge-threshold").value) };
+  if ($("graph-target").value) body.target = $("graph-target").value;
+  $("graph-build").disabled = true;
+  $("graph-summary").textContent = "building the graph (a backward pass per feature node)…";
+  try {
+    showGraph(await api("/api/graph", { method: "POST", body: JSON.stringify(body) }), transcoders);
+  } catch (error) {
+    $("graph-summary").textContent = "";
+    say(error.message);
+  } finally {
+    $("graph-build").disabled = false;
+  }
+});
+
+$("graph-file").addEventListener("change", async () => {
+  say("");
+  const file = $("graph-file").files[0];
+  if (!file) return;
+  try {
+    showGraph(JSON.parse(await file.text()), null);
+  } catch (error) { say(`${file.name}: ${error.message}`); }
+});
+
 // --- start -----------------------------------------------------------------------------------
 async function start() {
   $("api-key").value = localStorage.getItem("interplab-api-key") || "";
@@ -241,6 +293,9 @@ async function start() {
     for (const s of info.saes) $("sae").add(new Option(`${s.name} (${s.site}, ${s.d_sae} latents)`, s.name));
     $("dataset").innerHTML = "<option value=''>(none)</option>";
     for (const d of info.datasets) $("dataset").add(new Option(d, d));
+    $("graph-transcoders").innerHTML = "";
+    for (const t of info.transcoders) $("graph-transcoders").add(new Option(`${t.name} (layers ${t.layers.join(",")})`, t.name));
+    if (!info.transcoders.length) $("graph-transcoders").add(new Option("(none: start with --transcoders)", ""));
     $("lens-layer").max = info.n_layers - 1;
     $("lens-head").max = info.n_heads - 1;
     document.body.dataset.ready = "1";
