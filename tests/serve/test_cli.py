@@ -54,3 +54,13 @@ def test_serve_prints_urls_answers_and_stops_on_ctrl_c(shared_dir):
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_unreadable_transcoders_folder_is_one_line_and_exit_2(shared_dir, tmp_path):
+    model = shared_dir / "models" / "TinyStories-656K"
+    result = subprocess.run([sys.executable, "-m", "interplab.cli", "serve", str(model), "--port", "0",
+                             "--transcoders", str(tmp_path / "missing")], capture_output=True, text=True, env=_env(),
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "transcoders.json" in result.stderr and "Traceback" not in result.stderr

@@ -139,3 +139,12 @@ def test_the_page_and_the_standalone_file_share_one_drawing_script(client):
     data = {"format_version": 1, "tokens": ["a"], "target": {"token": "__DATA__"}, "meta": {}, "nodes": [], "edges": []}
     standalone = graph_html(data)
     assert graph_script() in standalone and standalone.count('"__DATA__"') == 1  # placeholders filled once
+
+
+def test_transcoders_option_names_a_folder_after_itself():
+    from interplab.errors import UserInputError
+    from interplab.serve.server import transcoder_specs
+
+    assert transcoder_specs(["runs/tc_smollm/", "b=other/tc"]) == {"tc_smollm": "runs/tc_smollm/", "b": "other/tc"}
+    with pytest.raises(UserInputError, match="given twice"):
+        transcoder_specs(["a/tc", "b/tc"])

@@ -35,7 +35,7 @@ def serve(
     from interplab.cli.core import load_model
     from interplab.errors import UserInputError
     from interplab.serve.security import check_bind
-    from interplab.serve.server import api_key_from_env, split_pairs
+    from interplab.serve.server import api_key_from_env, split_pairs, transcoder_specs
 
     try:
         key = api_key_from_env(api_key)
@@ -43,8 +43,7 @@ def serve(
         sae_specs = split_pairs(sae or [], "--sae")
         only = next(iter(sae_specs)) if len(sae_specs) == 1 else None
         index_specs = split_pairs(features or [], "--features", default_name=only)
-        transcoder_specs = split_pairs([t if "=" in t else f"{Path(t).name}={t}" for t in transcoders or []],
-                                       "--transcoders")
+        tc_specs = transcoder_specs(transcoders or [])
     except UserInputError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -52,7 +51,7 @@ def serve(
     try:
         state, app = _build(handle, vectors, sae_specs, index_specs, key, cors, max_batch, max_queue, max_tokens,
                             max_prompt_tokens, int(max_body_mb * 1024 * 1024),
-                            dict(transcoders=transcoder_specs, max_graph_tokens=graph_max_tokens,
+                            dict(transcoders=tc_specs, max_graph_tokens=graph_max_tokens,
                                  max_graph_features=graph_max_features))
     except (ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -64,3 +64,8 @@ def split_pairs(values: list[str], option: str, *, default_name: str | None = No
             raise UserInputError(f"{option}: the name {name!r} is given twice")
         pairs[name] = rest
     return pairs
+
+
+def transcoder_specs(values: list[str]) -> dict[str, str]:
+    """--transcoders [NAME=]FOLDER pairs; a folder alone is named after itself."""
+    return split_pairs([v if "=" in v else f"{Path(v.rstrip('/')).name}={v}" for v in values], "--transcoders")
