@@ -100,7 +100,7 @@ function renderGraph(G, svg, card, options = {}) {
 function graphEdgeRows(G, list, key) {
   return list.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 10).map((e) => {
     const other = G.nodes[e[key]];
-    return `<tr><td>${graphEscape(graphNodeLabel(other))} @${other.position}</td><td>${e.weight.toFixed(4)}</td></tr>`;
+    return `<tr><td>${graphEscape(`${graphNodeLabel(other)} @${other.position}`)}</td><td>${Number(e.weight).toFixed(4)}</td></tr>`;
   }).join("");
 }
 
@@ -110,8 +110,8 @@ async function showGraphNode(G, i, svg, card, options) {
   const inputs = G.edges.filter((e) => e.target === i), outputs = G.edges.filter((e) => e.source === i);
   card.dataset.node = i;
   card.innerHTML = `<h3>${graphEscape(graphNodeLabel(n))}</h3>
-    <p>position ${n.position} (token ${graphEscape(JSON.stringify(n.token))})<br>value ${Number(n.value).toFixed(4)}` +
-    (n.influence !== undefined ? `<br>influence ${n.influence.toFixed(4)}` : "") + `</p>
+    <p>position ${graphEscape(n.position)} (token ${graphEscape(JSON.stringify(n.token))})<br>value ${Number(n.value).toFixed(4)}` +
+    (n.influence !== undefined ? `<br>influence ${Number(n.influence).toFixed(4)}` : "") + `</p>
     <h4>strongest inputs</h4><table class="graph-inputs">${graphEdgeRows(G, inputs, "source")}</table>
     <h4>strongest outputs</h4><table class="graph-outputs">${graphEdgeRows(G, outputs, "target")}</table>
     <div class="graph-extra"></div>`;

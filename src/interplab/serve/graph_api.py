@@ -59,8 +59,7 @@ def build_graph(state: ServerState, body: GraphRequest) -> dict:
             full = attribute(state.model, transcoders, torch.tensor(ids), target=target, max_features_per_layer=cap)
         pruned = prune(full, node_threshold=body.node_threshold, edge_threshold=body.edge_threshold)
     except UserInputError as error:  # an unsupported architecture, a target of several tokens, ...
-        raise APIError(400, str(error), param="target" if "target" in str(error) else None,
-                       code="invalid_graph_request") from None
+        raise APIError(400, str(error), code="invalid_graph_request") from None
     return pruned.to_dict()
 
 
@@ -80,11 +79,11 @@ def logit_effects(state: ServerState, name: str, layer: int, feature: int, n: in
     model = state.model
     unembed = model.unembed.weight.detach()
     with torch.no_grad():
-        direction = transcoder.W_dec[feature].detach() / transcoder.output_scale  # (d_model,)
+        direction = (transcoder.W_dec[feature].detach() / transcoder.output_scale).to(unembed.device)  # (d_model,)
         gamma = final_norm_scale(model)
         if gamma is not None:
             direction = direction * gamma.to(direction.dtype)
-        effects = (unembed @ direction.to(unembed.dtype)).float()  # (vocab,)
+        effects = (unembed @ direction.to(unembed.dtype)).float().cpu()  # (vocab,)
     k = min(n, effects.shape[0])
     up, down = effects.topk(k), (-effects).topk(k)
     decode = model.require_tokenizer().decode

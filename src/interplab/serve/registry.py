@@ -201,5 +201,5 @@ def load_transcoder_sets(model: LoadedModel, specs: dict[str, str]) -> Transcode
                 raise ValueError(f"--transcoders {name}={folder}: the transcoder for layer {layer} reads "
                                  f"d_in={tc.cfg.d_in}, writes d_out={tc.cfg.d_out}, but {model.model_id} has "
                                  f"{model.n_layers} blocks of width {model.d_model}")
-        registry.sets[name] = {layer: tc.to(model.device) for layer, tc in layers.items()}
+        registry.sets[name] = layers  # kept where `interplab sae graph` keeps them: interplab.graph works on CPU copies
     return registry
