@@ -135,6 +135,13 @@ def _library_graph(model, transcoders_dir):
     return prune(attribute(model, load_transcoders(transcoders_dir), ids, max_features_per_layer=256)).to_dict()
 
 
+def _label(node: dict) -> str:
+    """A node's title on its card (graph.js: graphNodeLabel)."""
+    token = json.dumps(node["token"], ensure_ascii=False)  # as JSON.stringify writes it
+    return {"feature": f"L{node['layer']} #{node['feature']}", "error": f"error L{node['layer']}",
+            "logit": f"logit {token}", "embedding": f"embedding {token}"}[node["kind"]]
+
+
 def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, tinystories, ts_transcoders, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -158,9 +165,13 @@ def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, ti
     promoted = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#graph-card .graph-promoted tr"))
     assert len(promoted) == 8
     card = by_id(browser, "graph-card").text
-    assert f"L{node['layer']} #{node['feature']}" in card and f"influence {node['influence']:.4f}" in card
-    assert browser.find_elements(By.CSS_SELECTOR, "#graph-card .graph-inputs tr")  # its strongest inputs
+    assert card.startswith(_label(node)) and f"influence {node['influence']:.4f}" in card
+    inputs = browser.find_elements(By.CSS_SELECTOR, "#graph-card .graph-inputs tr")  # its strongest inputs
+    assert inputs
     shot(browser, "graph.png")
+    source = expected["nodes"][int(inputs[0].get_attribute("data-i"))]
+    inputs[0].click()  # a row of the card opens that node's card
+    wait(browser, lambda d: by_id(d, "graph-card").text.startswith(_label(source)))
     # a graph.json written by the CLI opens from a file: the same drawing, the graph's own numbers
     write_json(tmp_path / "graph.json", expected)
     by_id(browser, "graph-file").send_keys(str(tmp_path / "graph.json"))
@@ -173,4 +184,4 @@ def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, ti
     standalone = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#g .node"))
     assert len(standalone) == len(expected["nodes"])
     standalone[-1].click()  # the logit
-    assert by_id(browser, "card").text.startswith(f"logit {json.dumps(expected['target']['token'])}")
+    assert by_id(browser, "card").text.startswith(_label(expected["nodes"][-1]))

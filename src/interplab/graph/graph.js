@@ -5,7 +5,7 @@
 
 const GRAPH_SVG_NS = "http://www.w3.org/2000/svg";
 const GRAPH_COLOURS = { embedding: "#9e9e9e", feature: "#7fbf7b", error: "#f4a582", logit: "#fdb863" };
-const GRAPH_COLUMN = 110, GRAPH_ROW = 90;
+const GRAPH_COLUMN = 110, GRAPH_ROW = 90, GRAPH_LEFT = 100; // x of the first column's centre
 
 function graphEscape(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -32,16 +32,18 @@ function checkGraph(G) {
 // Row of a node: embeddings at the bottom (0), layer L at L + 1, the logit on top.
 function graphLayout(G) {
   const nLayers = Math.max(0, ...G.nodes.filter((n) => n.kind !== "logit").map((n) => (n.layer === null ? 0 : n.layer))) + 1;
-  const width = GRAPH_COLUMN * G.tokens.length + 80, height = GRAPH_ROW * (nLayers + 2) + 60;
+  const width = GRAPH_COLUMN * G.tokens.length + GRAPH_LEFT + 20, height = GRAPH_ROW * (nLayers + 2) + 60;
   const row = (n) => (n.kind === "embedding" ? 0 : n.kind === "logit" ? nLayers + 1 : n.layer + 1);
   const count = {}, rank = [];
   G.nodes.forEach((n) => { const key = row(n) + ":" + n.position; rank.push(count[key] || 0); count[key] = (count[key] || 0) + 1; });
   // nodes that share a layer and position spread over 80 px around the column's centre
   const points = G.nodes.map((n, i) => {
     const k = count[row(n) + ":" + n.position];
-    return { x: 60 + GRAPH_COLUMN * n.position + (k > 1 ? (rank[i] / (k - 1) - 0.5) * 80 : 0), y: height - 50 - GRAPH_ROW * row(n) };
+    return { x: GRAPH_LEFT + GRAPH_COLUMN * n.position + (k > 1 ? (rank[i] / (k - 1) - 0.5) * 80 : 0), y: height - 50 - GRAPH_ROW * row(n) };
   });
-  return { width, height, points };
+  const rows = [["embeddings", 0], ...Array.from({ length: nLayers }, (_, L) => [`layer ${L}`, L + 1]), ["logit", nLayers + 1]]
+    .map(([name, r]) => ({ name, y: height - 50 - GRAPH_ROW * r }));
+  return { width, height, points, rows };
 }
 
 function graphSvg(tag, attributes) {
@@ -55,12 +57,17 @@ function graphSvg(tag, attributes) {
 // effects); `fitWidth` (px) shrinks a wider drawing to that width, down to half size (then it scrolls).
 function renderGraph(G, svg, card, options = {}) {
   checkGraph(G);
-  const { width, height, points } = graphLayout(G);
+  const { width, height, points, rows } = graphLayout(G);
   const scale = options.fitWidth && width > options.fitWidth ? Math.max(0.5, options.fitWidth / width) : 1;
   svg.innerHTML = "";
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("width", Math.round(width * scale));
   svg.setAttribute("height", Math.round(height * scale));
+  rows.forEach((r) => {
+    const text = graphSvg("text", { x: 4, y: r.y + 4, class: "graph-row" });
+    text.textContent = r.name;
+    svg.appendChild(text);
+  });
   const maxWeight = Math.max(1e-9, ...G.edges.map((e) => Math.abs(e.weight)));
   const lines = G.edges.map((e) => {
     const s = points[e.source], t = points[e.target];
@@ -91,7 +98,7 @@ function renderGraph(G, svg, card, options = {}) {
     svg.appendChild(shape);
   });
   G.tokens.forEach((t, p) => {
-    const text = graphSvg("text", { x: 60 + GRAPH_COLUMN * p - 20, y: height - 15, class: "graph-token" });
+    const text = graphSvg("text", { x: GRAPH_LEFT + GRAPH_COLUMN * p - 20, y: height - 15, class: "graph-token" });
     text.textContent = JSON.stringify(t);
     svg.appendChild(text);
   });
@@ -100,7 +107,7 @@ function renderGraph(G, svg, card, options = {}) {
 function graphEdgeRows(G, list, key) {
   return list.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 10).map((e) => {
     const other = G.nodes[e[key]];
-    return `<tr><td>${graphEscape(`${graphNodeLabel(other)} @${other.position}`)}</td><td>${Number(e.weight).toFixed(4)}</td></tr>`;
+    return `<tr data-i="${e[key]}"><td>${graphEscape(`${graphNodeLabel(other)} @${other.position}`)}</td><td>${Number(e.weight).toFixed(4)}</td></tr>`;
   }).join("");
 }
 
@@ -115,6 +122,8 @@ async function showGraphNode(G, i, svg, card, options) {
     <h4>strongest inputs</h4><table class="graph-inputs">${graphEdgeRows(G, inputs, "source")}</table>
     <h4>strongest outputs</h4><table class="graph-outputs">${graphEdgeRows(G, outputs, "target")}</table>
     <div class="graph-extra"></div>`;
+  // a row of the inputs or outputs opens that node's card
+  card.querySelectorAll("tr[data-i]").forEach((tr) => tr.addEventListener("click", () => showGraphNode(G, Number(tr.dataset.i), svg, card, options)));
   if (!options.extraCard) return;
   const extra = card.querySelector(".graph-extra");
   try {

@@ -3,7 +3,7 @@
 Nodes are placed by layer (rows, embeddings at the bottom, the logit at the top) and position
 (columns, one per prompt token); edges are lines whose width follows |weight| (blue positive,
 red negative). Clicking a node shows its card: kind, layer, position, token, activation, and its
-strongest incoming and outgoing edges.
+strongest incoming and outgoing edges (click one to move to that node).
 
 The drawing lives in `graph.js`, which the web workbench serves as well; this page inlines it,
 so the file stays self-contained.
@@ -25,7 +25,8 @@ _PAGE = """<!doctype html>
 body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh}
 #left{flex:3;overflow:auto}#card{flex:1;padding:12px;border-left:1px solid #ccc;overflow:auto;font-size:13px}
 .node{cursor:pointer;stroke:#333;stroke-width:.5}.node.sel{stroke:#000;stroke-width:2.5}
-.graph-token{font-size:11px;fill:#444}table{border-collapse:collapse}td{padding:1px 6px}
+.graph-token{font-size:11px;fill:#444}.graph-row{font-size:11px;fill:#888}
+table{border-collapse:collapse}td{padding:1px 6px}tr[data-i]{cursor:pointer}tr[data-i]:hover{background:#eef}
 </style></head><body>
 <div id="left"><h3 style="margin:8px">__TITLE__</h3><svg id="g"></svg></div>
 <div id="card"><p>Click a node.</p></div>
