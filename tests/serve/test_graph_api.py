@@ -148,3 +148,38 @@ def test_transcoders_option_names_a_folder_after_itself():
     assert transcoder_specs(["runs/tc_smollm/", "b=other/tc"]) == {"tc_smollm": "runs/tc_smollm/", "b": "other/tc"}
     with pytest.raises(UserInputError, match="given twice"):
         transcoder_specs(["a/tc", "b/tc"])
+
+
+def test_a_graph_build_does_not_block_the_server(monkeypatch, tmp_path):
+    """The build runs in a worker thread: /api/info answers while a (slowed) graph is being built."""
+    import threading
+    import time
+
+    import httpx
+
+    import interplab.graph.attribution as attribution
+    from interplab.sae.transcoder import save_transcoders
+    from tests.serve.conftest import start
+
+    real, started = attribution.attribute, threading.Event()
+
+    def slow_attribute(*args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "attribute", slow_attribute)
+    folder = save_transcoders(_transcoders(), tmp_path / "tc")
+    running, _ = start(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={})
+    try:
+        answers = {}
+        worker = threading.Thread(target=lambda: answers.setdefault(
+            "graph", httpx.post(running.url + "/api/graph", json={"prompt": PROMPT}, timeout=30)))
+        worker.start()
+        assert started.wait(10)
+        info = httpx.get(running.url + "/api/info", timeout=30)
+        assert info.status_code == 200 and worker.is_alive()  # answered while the graph was still building
+        worker.join(30)
+        assert answers["graph"].status_code == 200 and answers["graph"].json()["format_version"] == 1
+    finally:
+        running.stop()
