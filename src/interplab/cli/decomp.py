@@ -155,3 +155,5 @@ def _print_json(data) -> None:
 
 
 __all__ = ["bench", "graph", "transcoders"]
+
+from interplab.cli import explain as _explain  # noqa: E402,F401  registers `sae explain` on the same app

@@ -8,18 +8,25 @@ checks the label by predicting which texts activate the feature.
               contexts and half non-activating ones, and answers yes or no; the score is the
               balanced accuracy of its answers (Paulo et al. 2024, "Automatically interpreting
               millions of features in large language models").
+    simulation score: the scorer predicts every token's activation from the label; the score is
+              the correlation with the true activations (Bills et al. 2023; see simulation.py).
 
-Both talk to any OpenAI-compatible chat-completions endpoint through the `openai` client
+All three talk to any OpenAI-compatible chat-completions endpoint through the `openai` client
 (`base_url`, `model`), interplab's own server included. What is checked offline is the pipeline,
 not the quality of the labels.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from interplab.errors import UserInputError
+
+if TYPE_CHECKING:
+    from interplab.sae.evals.simulation import SimulationScore
 
 EXPLAIN_PROMPT = (
     "Here are text excerpts where one feature of a language model is active; the most active token is "
@@ -49,18 +56,34 @@ class Example:
 
 
 @dataclass(frozen=True)
-class Interpretation:
-    """A feature's label and its detection score."""
+class DetectionScore:
+    """How well yes/no answers from the label separate activating from non-activating texts."""
 
-    feature: int
-    label: str
-    detection_accuracy: float
-    """Balanced accuracy of the scorer's yes/no answers (0.5 = chance)."""
+    accuracy: float
+    """Balanced accuracy of the answers (0.5 = chance; an unparsed answer counts as wrong)."""
+    n_unparsed: int
+    """Answers that were neither yes nor no."""
     answers: list[dict]
-    """Per scored text: whether it activates the feature and what the scorer answered."""
+    """Per scored text: whether it activates the feature, the raw answer and the parsed one."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    """A feature's label and the scores asked for (None: not asked, or no label to score)."""
+
+    feature: int
+    label: str
+    """The explainer's one-line label ('' when it answered nothing; then nothing is scored)."""
+    detection: DetectionScore | None
+    simulation: "SimulationScore | None"
+
+    def to_dict(self) -> dict:
+        return {"feature": self.feature, "label": self.label,
+                "detection": self.detection.to_dict() if self.detection else None,
+                "simulation": self.simulation.to_dict() if self.simulation else None}
 
 
 def chat_client(base_url: str, *, api_key: str = "none", timeout: float = 60.0):
@@ -72,10 +95,40 @@ def chat_client(base_url: str, *, api_key: str = "none", timeout: float = 60.0):
     return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
 
 
-def _ask(client, model: str, prompt: str, max_tokens: int) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=max_tokens, temperature=0.0)
+class EndpointError(UserInputError):
+    """The chat endpoint could not be reached, or refused a request."""
+
+
+def ask(client, model: str, prompt: str, max_tokens: int) -> str:
+    """One user message, greedy (temperature 0); the answer's text, stripped."""
+    with _endpoint_errors(client):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=max_tokens, temperature=0.0)
     return (reply.choices[0].message.content or "").strip()
+
+
+def check_endpoint(client) -> None:
+    """Refuse an endpoint that does not answer `GET /models` (one try, no retries), before any work."""
+    with _endpoint_errors(client):
+        client.with_options(max_retries=0).models.list()
+
+
+@contextlib.contextmanager
+def _endpoint_errors(client):
+    """The openai client's connection and HTTP-status errors as one-line `EndpointError`s."""
+    try:
+        import openai
+    except ImportError:  # a test's fake client, without the openai package
+        yield
+        return
+    where = getattr(client, "base_url", "the endpoint")
+    try:
+        yield
+    except openai.APIConnectionError as error:
+        raise EndpointError(f"cannot reach an OpenAI-compatible server at {where} ({error}); start one "
+                            "(e.g. `interplab serve`) or fix --base-url") from None
+    except openai.APIStatusError as error:
+        raise EndpointError(f"the server at {where} answered {error.status_code}: {error.message}") from None
 
 
 def explain(client, model: str, examples: Sequence[Example], *, max_tokens: int = 40) -> str:
@@ -83,8 +136,8 @@ def explain(client, model: str, examples: Sequence[Example], *, max_tokens: int 
     if not examples:
         raise UserInputError("explain needs at least one activating example")
     listing = "\n".join(f"{i + 1}. {e.marked()}" for i, e in enumerate(examples))
-    answer = _ask(client, model, EXPLAIN_PROMPT.format(examples=listing), max_tokens)
-    return (answer.splitlines() or [""])[0].strip()
+    answer = ask(client, model, EXPLAIN_PROMPT.format(examples=listing), max_tokens)
+    return (answer.splitlines() or [""])[0].strip()  # `ask` strips, so the first line is the first words
 
 
 def parse_yes_no(answer: str) -> bool | None:
@@ -95,31 +148,35 @@ def parse_yes_no(answer: str) -> bool | None:
 
 
 def detection_score(client, model: str, label: str, positives: Sequence[Example], negatives: Sequence[Example]
-                    ) -> tuple[float, list[dict]]:
-    """Balanced accuracy of yes/no predictions of activity from the label (an unparsable answer
-    counts as wrong)."""
+                    ) -> DetectionScore:
+    """Balanced accuracy of yes/no predictions of activity from the label (an unparsed answer
+    counts as wrong, and is counted)."""
     if not positives or not negatives:
         raise UserInputError("detection scoring needs activating and non-activating examples")
     answers, correct = [], {True: 0, False: 0}
     for active, examples in ((True, positives), (False, negatives)):
         for example in examples:
-            reply = _ask(client, model, DETECT_PROMPT.format(label=label, text=example.text()), 3)
+            reply = ask(client, model, DETECT_PROMPT.format(label=label, text=example.text()), 3)
             said = parse_yes_no(reply)
             correct[active] += said is active
             answers.append({"active": active, "answer": reply, "parsed": said})
     accuracy = 0.5 * (correct[True] / len(positives) + correct[False] / len(negatives))
-    return accuracy, answers
+    return DetectionScore(accuracy, sum(a["parsed"] is None for a in answers), answers)
 
 
-def interpret(client, model: str, feature: int, positives: Sequence[Example], negatives: Sequence[Example], *,
-              n_explain: int | None = None) -> Interpretation:
-    """Label a feature from its activating examples (the first `n_explain` of them; the rest, if
-    any, are scored) and score the label on held-out positives and the negatives."""
-    n = len(positives) // 2 if n_explain is None else n_explain
-    shown, held_out = list(positives[:n]) or list(positives), list(positives[n:]) or list(positives)
+def interpret(client, model: str, feature: int, shown: Sequence[Example], positives: Sequence[Example],
+              negatives: Sequence[Example], *, detection: bool = True, simulation: bool = True) -> Interpretation:
+    """Label a feature from the `shown` activating examples, then score the label on held-out
+    activating `positives` and non-activating `negatives` (detection and/or simulation)."""
+    from interplab.sae.evals.simulation import simulation_score
+
     label = explain(client, model, shown)
-    accuracy, answers = detection_score(client, model, label, held_out, negatives)
-    return Interpretation(feature, label, accuracy, answers)
+    if not label:
+        return Interpretation(feature, label, None, None)
+    return Interpretation(
+        feature, label,
+        detection_score(client, model, label, positives, negatives) if detection else None,
+        simulation_score(client, model, label, positives, negatives) if simulation else None)
 
 
 def examples_from_index(index, feature: int, n: int) -> list[Example]:
