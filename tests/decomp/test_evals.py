@@ -156,3 +156,63 @@ def test_tokenizer_tasks_bench_and_plot(tinystories, tmp_path):
     assert read_results(path)["sparse_probing"]["mean_sae_accuracy"].keys() == {"1", "2"}
     plot = plot_comparison([table, dict(table, name="again")], tmp_path / "cmp.png")
     assert plot.stat().st_size > 1000
+
+
+# --- the CAA behaviour task ------------------------------------------------------------------------
+
+def _always_a_dataset(n=24):
+    """A/B questions whose matching answer is always (A): the label is the answer letter itself."""
+    from interplab.steering.datasets import ContrastDataset, ContrastPair
+
+    pairs = [ContrastPair("(A)", "(B)", f"Once upon a time there was a {word} number {i}. Is it nice?\n(A) yes\n(B) no\n")
+             for i, word in zip(range(n), ["cat", "dog", "girl", "boy"] * n)]
+    return ContrastDataset(tuple(pairs), kind="ab", source="planted")
+
+
+def test_caa_task_reads_the_answer_letter(tinystories):
+    """At blocks.0.hook_resid_pre (the token embedding) the activation is the read token's embedding:
+    every matching row is embed('A') and every other embed('B'), so a planted latent that fires on
+    embed('A') - embed('B') probes perfectly at k=1; an off-by-one position would read '(' and give
+    identical rows (chance)."""
+    from interplab.sae.evals.tasks import caa_task
+
+    task = caa_task(tinystories, "blocks.0.hook_resid_pre", _always_a_dataset(), n_pairs=10)
+    assert task.acts.shape == (20, 128) and task.labels.tolist() == [1, 0] * 10
+    tokenizer = tinystories.require_tokenizer()
+    embed = tinystories.hf.get_input_embeddings().weight.detach()
+    a, b = (embed[tokenizer(x, add_special_tokens=False)["input_ids"][-1]] for x in ("(A", "(B"))
+    torch.testing.assert_close(task.acts[0::2], a.expand(10, -1))
+    torch.testing.assert_close(task.acts[1::2], b.expand(10, -1))
+    W_enc = torch.zeros(128, 4)
+    W_enc[:, 2] = a - b
+    cfg = SAEConfig(d_in=128, d_sae=4, family="relu", normalize_input=False, subtract_decoder_bias=False)
+    sae = SAE(cfg).eval()
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, -float((a - b) @ (a + b)) / 2, 0.0]))
+    result = sparse_probing(sae, task, ks=[1])
+    assert result.top_latents[0] == 2 and result.sae_accuracy[1] == 1.0 and result.raw_accuracy == 1.0
+
+
+def test_caa_task_equals_plain_hf_hidden_states(tinystories):
+    """Deeper in the model the rows are the HF hidden states at the answer-letter position."""
+    from interplab.sae.evals.tasks import caa_task
+    from interplab.steering.extract import tokenize_dataset
+
+    dataset = _always_a_dataset(4)
+    task = caa_task(tinystories, "blocks.0.hook_resid_post", dataset)
+    for row, text in enumerate(tokenize_dataset(tinystories, dataset, read="answer", chat=False)):
+        with torch.no_grad():
+            hidden = tinystories.hf(torch.tensor([text.ids]), output_hidden_states=True).hidden_states[1][0]  # block 0's output (the last entry is normed)
+        torch.testing.assert_close(task.acts[row], hidden[text.span[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_caa_task_from_the_shared_data_and_bad_input(tinystories):
+    from interplab.sae.evals.tasks import caa_task
+
+    task = caa_task(tinystories, "blocks.1.hook_resid_post", "sycophancy", n_pairs=4)
+    assert task.name == "caa sycophancy: answer matches" and task.acts.shape == (8, 128)
+    with pytest.raises(ValueError, match="no CAA test data for 'nonsense'"):
+        caa_task(tinystories, "blocks.1.hook_resid_post", "nonsense")
+    with pytest.raises(UserInputError, match="n_pairs must be >= 4"):
+        caa_task(tinystories, "blocks.1.hook_resid_post", "sycophancy", n_pairs=2)

@@ -23,6 +23,9 @@ def bench(
     ks: Annotated[str, typer.Option(help="Comma-separated numbers of latents for k-sparse probing.")] = "1,2,5,10,20",
     max_tokens: Annotated[int, typer.Option(help="Word tokens from the tokenizer to build the tasks from.")] = 4000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    caa: Annotated[str, typer.Option(help="Comma-separated CAA behaviours (e.g. sycophancy,refusal) or A/B JSON "
+                                          "files: one more probing task each ('' for none).")] = "",
+    n_pairs: Annotated[int, typer.Option(help="A/B questions read per CAA behaviour.")] = 100,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Feature absorption (first letter) and k-sparse probing per SAE: a results table each and a
@@ -31,6 +34,7 @@ def bench(
 
     with _user_errors():
         k_values = _ints(ks, "--ks")
+        behaviors = _caa_behaviors(caa, n_pairs)
         saes = [_load_sae(path, site) for path in sae_paths]
         prepare_out(out, overwrite)
     handle = _load_model(model, saes[0])
@@ -38,7 +42,8 @@ def bench(
     with _user_errors():
         out.mkdir(parents=True, exist_ok=True)
         for path, sae in zip(sae_paths, saes):
-            table = bench_sae(handle, sae, site=site, ks=k_values, max_tokens=max_tokens, seed=seed, name=path.name)
+            table = bench_sae(handle, sae, site=site, ks=k_values, max_tokens=max_tokens, seed=seed, name=path.name,
+                              caa=behaviors, n_pairs=n_pairs)
             write_results(out / f"{path.name}.json", table)
             tables.append(table)
         plot_comparison(tables, out / "comparison.png")
@@ -134,6 +139,18 @@ def graph(
                      f"({meta['node_influence_kept']:.1%} of influence); {out / 'graph.html'}")
     for c in meta.get("interventions", []):
         _console().print(f"  ablate {c['nodes']}: predicted {c['predicted']:+.3f}, measured {c['measured']:+.3f}")
+
+
+def _caa_behaviors(text: str, n_pairs: int) -> list[str]:
+    """--caa names or files, each checked (a readable A/B file) before the model loads."""
+    from interplab.sae.evals.tasks import caa_dataset
+
+    behaviors = [part.strip() for part in text.split(",") if part.strip()]
+    if behaviors and n_pairs < 4:
+        raise ValueError(f"--n-pairs must be >= 4 (each class needs a few examples), got {n_pairs}")
+    for behavior in behaviors:
+        caa_dataset(behavior)
+    return behaviors
 
 
 def _rate(value) -> str:

@@ -1,7 +1,7 @@
 """One results table per SAE (JSON) and a comparison plot across SAEs, SAEBench-style.
 
-`bench_sae` runs every evaluation on the tokenizer tasks of `interplab.sae.evals.tasks` and
-returns a JSON-ready dict:
+`bench_sae` runs every evaluation on the tokenizer tasks of `interplab.sae.evals.tasks` (and,
+on request, the CAA behaviour tasks) and returns a JSON-ready dict:
 
     {"format_version": 1, "sae": {...config...}, "model": ..., "site": ...,
      "absorption": {"mean_absorption_rate": ..., "letters": [...]},
@@ -19,17 +19,20 @@ FORMAT_VERSION = 1
 
 
 def bench_sae(model, sae, *, site: str | None = None, ks: Sequence[int] = (1, 2, 5, 10, 20),
-              max_tokens: int = 4000, seed: int = 0, name: str = "") -> dict:
-    """Absorption and k-sparse probing of `sae` at its site (see the two modules' docstrings)."""
+              max_tokens: int = 4000, seed: int = 0, name: str = "", caa: Sequence = (),
+              n_pairs: int | None = 100) -> dict:
+    """Absorption and k-sparse probing of `sae` at its site (see the two modules' docstrings);
+    `caa` adds a probing task per CAA behaviour (its first `n_pairs` A/B questions, `caa_task`)."""
     from interplab.models.handle import as_loaded
     from interplab.sae.downstream import resolve_sae_site
     from interplab.sae.evals.absorption import feature_absorption
     from interplab.sae.evals.probing import sparse_probing
-    from interplab.sae.evals.tasks import tokenizer_tasks
+    from interplab.sae.evals.tasks import caa_task, tokenizer_tasks
 
     model = as_loaded(model)
     resolved = resolve_sae_site(model, sae, site)
     acts, letters, tasks = tokenizer_tasks(model, resolved.name, max_tokens=max_tokens, seed=seed)
+    tasks += [caa_task(model, resolved.name, behavior, n_pairs=n_pairs) for behavior in caa]
     absorption = feature_absorption(sae, acts, letters, seed=seed)
     probing = [sparse_probing(sae, task, ks=ks, seed=seed) for task in tasks]
     return {

@@ -1,4 +1,4 @@
-"""Labelled tasks built from what is on hand: the model's own tokenizer.
+"""Labelled tasks built from what is on hand: the model's own tokenizer, and the CAA behaviour pairs.
 
 Each vocabulary token that is a word (letters only after an optional leading space marker) is
 one example; its activation at a site is read from the two-token prompt [BOS, token] at the
@@ -10,6 +10,13 @@ the task cheap and the same for every SAE of a model). Labels:
     capitalised         whether its first letter is upper-case
 
 The probing tasks are balanced (the larger class subsampled), so chance accuracy is 0.5.
+
+CAA behaviour pairs (`caa_task`; Panickssery et al. 2024, A/B questions in the shared data
+folder): each question is read twice, followed by the answer that matches the behaviour and by
+the one that does not ("(A)" / "(B)", formatted as CAA extraction reads them: chat template on
+the question when the model has one); the activation is read at the answer-letter token (the
+position CAA's vectors are read at, `steering.extract.tokenize_completion` with read="answer");
+label 1 = the answer matches the behaviour. Balanced by construction (one of each per question).
 """
 
 from __future__ import annotations
@@ -72,6 +79,57 @@ def tokenizer_tasks(model, site: str, *, max_tokens: int = 4000, seed: int = 0
     tasks.append(ProbingTask("leading space", acts, torch.tensor([w.startswith(" ") for _, w in words]).long()))
     tasks.append(ProbingTask("capitalised", acts, torch.tensor([w.strip()[0].isupper() for _, w in words]).long()))
     return acts, letters, [balanced(t, seed) for t in tasks if _both_classes(t.labels)]
+
+
+def caa_task(model, site: str, behavior, *, n_pairs: int | None = None, chat: bool | None = None,
+             batch_size: int = 16) -> ProbingTask:
+    """The CAA probing task of `behavior` (a behaviour name from the shared data folder, a path to a
+    CAA A/B JSON file, or an A/B `ContrastDataset`) at `site`; the first `n_pairs` questions."""
+    from interplab.generation import has_chat_template
+    from interplab.steering.extract import tokenize_dataset
+
+    model = as_loaded(model)
+    dataset, name = caa_dataset(behavior)
+    if n_pairs is not None:
+        if n_pairs < 4:
+            raise UserInputError(f"n_pairs must be >= 4 (each class needs a few examples), got {n_pairs}")
+        dataset = dataset[:n_pairs]
+    if dataset.kind != "ab":
+        raise UserInputError(f"{name}: the CAA task needs A/B questions ('(A)' / '(B)' answers), got {dataset.kind} pairs")
+    use_chat = has_chat_template(model) if chat is None else chat
+    texts = tokenize_dataset(model, dataset, read="answer", chat=use_chat)  # [pos0, neg0, pos1, ...]
+    acts = torch.cat([_acts_at(model, site, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+    labels = torch.tensor([1, 0] * len(dataset))
+    return ProbingTask(f"caa {name}: answer matches", acts, labels)
+
+
+def _acts_at(model, site: str, texts) -> Float[Tensor, "n d"]:
+    """The activation at `site` at each text's read position (its span's first token)."""
+    from interplab.cache import capture
+
+    cache = capture(model, site, [list(t.ids) for t in texts], batch_size=len(texts), padding_side="right",
+                    device="cpu", dtype=torch.float32)
+    acts = cache[site]
+    acts = acts.flatten(2) if acts.dim() > 3 else acts  # (n, seq, width)
+    return acts[torch.arange(len(texts)), torch.tensor([t.span[0] for t in texts])]  # right padding: positions hold
+
+
+def caa_dataset(behavior):
+    """(dataset, display name) from a ContrastDataset, a CAA file path or a behaviour name (the
+    larger generate split when the shared folder has it, else the test split)."""
+    from pathlib import Path
+
+    from interplab.steering.datasets import ContrastDataset, caa_path, read_caa
+
+    if isinstance(behavior, ContrastDataset):
+        return behavior, Path(behavior.source).parent.name or "pairs"
+    path = Path(behavior)
+    if not path.is_file():
+        try:
+            path = caa_path(str(behavior), "generate")
+        except ValueError:
+            path = caa_path(str(behavior), "test")
+    return read_caa(path, skip_invalid=True), path.parent.name
 
 
 def balanced(task: ProbingTask, seed: int = 0) -> ProbingTask:
