@@ -284,3 +284,26 @@ def test_explain_bad_input_is_one_line_exit_2(sparse_sae, tmp_path, case, messag
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_default_model_behind_interplab_serve(smollm):
+    """SmolLM2-135M-Instruct as explainer and scorer behind `interplab serve` (chat template on):
+    the pipeline with a model that follows instructions a little; prints what it said."""
+    from tests.serve.conftest import start
+
+    running, _ = start(smollm, gather_s=0.01, max_tokens=128)
+    try:
+        client = chat_client(f"{running.url}/v1")
+        check_endpoint(client)
+        result = interpret(client, "smollm2", 7, POSITIVES[:2], POSITIVES[2:], NEGATIVES)
+    finally:
+        running.stop()
+    sim = result.simulation
+    print(f"\nlabel {result.label!r}; detection {result.detection.accuracy:.2f} "
+          f"({result.detection.n_unparsed} unparsed, answers {[a['answer'] for a in result.detection.answers]}); "
+          f"simulation r {sim.correlation} ({sim.n_unparsed}/{sim.n_contexts} unparsed: {sim.reason or 'ok'}); "
+          f"first simulation answer {sim.contexts[0].answer!r}")
+    assert result.label.strip()
+    assert result.detection.n_unparsed <= len(result.detection.answers) // 2  # it mostly answers yes/no
+    assert sim.n_contexts == 4 and sim.n_unparsed == sum(c.predicted is None for c in sim.contexts)
