@@ -221,6 +221,26 @@ def test_negatives_are_silent_and_recomputed_like_the_index(tinystories, sparse_
     assert all(max(e.acts) == 0 for e in got.negatives) and all(max(e.acts) > 0 for e in got.positives)
 
 
+def test_a_model_the_index_was_not_built_with_is_refused(sparse_sae, llama, tinystories, tmp_path):
+    import contextlib
+    import shutil
+    import sqlite3
+
+    from interplab.sae.evals.autointerp_run import explain_features
+    from interplab.sae.features import FeatureIndex
+
+    sae, _, db = sparse_sae
+    client = FakeClient(str)
+    with FeatureIndex(db, sae=sae) as index, pytest.raises(ValueError, match="d_in=128"):
+        explain_features(client, "m", llama, sae, index, [0])  # the tiny llama is 32 wide
+    other = shutil.copy(db, tmp_path / "other_tokenizer.db")  # as if another tokenizer had decoded the windows
+    with contextlib.closing(sqlite3.connect(other)) as connection, connection:
+        connection.execute("UPDATE vocab SET text = 'zzz' WHERE id = (SELECT MIN(id) FROM vocab)")
+    with FeatureIndex(other, sae=sae) as index, pytest.raises(UserInputError, match="another tokenizer"):
+        explain_features(client, "m", tinystories, sae, index, [0])
+    assert client.prompts == []  # refused before any request
+
+
 def test_explain_end_to_end_against_interplab_serve(tinystories, sparse_sae, server, tmp_path):
     """`interplab sae explain` through the openai client against the server: labels are the model's
     own words, scores are numbers in range, unparsed answers are counted."""

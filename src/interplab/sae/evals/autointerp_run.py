@@ -48,6 +48,21 @@ def check_features(index, features: Sequence[int]) -> None:
                                  "more text)")
 
 
+def check_model(model, sae, index) -> None:
+    """Refuse a model the index was not built with: the SAE must fit the index's site, and the
+    index's stored tokens must decode the same with this model's tokenizer (the negatives' token
+    ids are fed to it)."""
+    from interplab.sae.downstream import resolve_sae_site
+
+    resolve_sae_site(model, sae, index.meta["site"])
+    tokenizer, vocab = model.require_tokenizer(), index.vocab()
+    sample = sorted(vocab)[:200]
+    if any(i >= model.vocab_size or tokenizer.decode([i]) != vocab[i] for i in sample):
+        raise UserInputError(f"the feature index {index.path} was built with another tokenizer than that of "
+                             f"{model.model_id} (it was built on {index.meta.get('model_id')}); pass that model "
+                             "with --model")
+
+
 def feature_examples(model, sae, index, feature: int, *, n_shown: int, n_scored: int, seed: int) -> FeatureExamples:
     """The shown, held-out activating and non-activating examples of one feature (module docstring)."""
     top = index.top_contexts(feature)
@@ -104,6 +119,7 @@ def explain_features(client, explainer: str, model, sae, index, features: Sequen
     from interplab.sae.evals.simulation import SIMULATE_PROMPT
 
     check_features(index, features)
+    check_model(model, sae, index)
     examples = {f: feature_examples(model, sae, index, f, n_shown=n_shown, n_scored=n_scored, seed=seed)
                 for f in features}  # every refusal happens before the first request
     results = []
