@@ -277,6 +277,10 @@ def test_explain_end_to_end_against_interplab_serve(tinystories, sparse_sae, ser
     assert data["features"][0]["label"] == alone
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.stderr
+    unreachable = [("http://127.0.0.1:9/v1" if a == f"{server.url}/v1" else a) for a in args]
+    refused = runner.invoke(app, unreachable + ["--overwrite"])
+    assert refused.exit_code == 2 and "cannot reach" in refused.stderr
+    assert (out / "explanations.json").is_file()  # a refused --overwrite run keeps the old output
 
 
 @pytest.mark.parametrize("case, message", [

@@ -55,7 +55,8 @@ def explain(
     sae = _load_sae(sae_path, site)
     with FeatureIndex(index, sae=sae) as feature_index:
         check_features(feature_index, chosen)
-        prepare_out(out, overwrite)
+        if not (overwrite and out.is_dir()):  # an old folder stays until the new one is swapped in whole
+            prepare_out(out, overwrite)
         client = chat_client(base_url, api_key=api_key)
         check_endpoint(client)
         handle = _load_model(model or sae.cfg.model_id or feature_index.meta.get("model_id"))
