@@ -147,8 +147,10 @@ def test_tokenizer_tasks_bench_and_plot(tinystories, tmp_path):
 
     site = "blocks.0.hook_resid_post"
     sae = SAE(SAEConfig(d_in=128, d_sae=256, family="topk", k=8, site=site), generator=torch.Generator().manual_seed(0))
-    table = bench_sae(tinystories, sae, ks=[1, 2], max_tokens=300, name="random")
+    table = bench_sae(tinystories, sae, ks=[1, 2], max_tokens=300, name="random", caa=["sycophancy"], n_pairs=6)
     assert table["site"] == site and table["n_tokens"] > 50
+    caa = [t for t in table["sparse_probing"]["tasks"] if t["task"].startswith("caa")]
+    assert [(t["task"], t["n_train"] + t["n_test"]) for t in caa] == [("caa sycophancy: answer matches", 12)]
     assert 0.0 <= table["absorption"]["mean_absorption_rate"] <= 1.0
     for task in table["sparse_probing"]["tasks"]:  # balanced: both classes the same size
         assert task["n_train"] + task["n_test"] == 2 * round((task["n_train"] + task["n_test"]) / 2)
