@@ -166,7 +166,7 @@ def _always_a_dataset(n=24):
     """A/B questions whose matching answer is always (A): the label is the answer letter itself."""
     from interplab.steering.datasets import ContrastDataset, ContrastPair
 
-    pairs = [ContrastPair("(A)", "(B)", f"Once upon a time there was a {word} number {i}. Is it nice?\n(A) yes\n(B) no\n")
+    pairs = [ContrastPair("(A)", "(B)", f"Once upon a time there was a {word} number {i}. Is it nice?\n(A) yes\n(B) no")
              for i, word in zip(range(n), ["cat", "dog", "girl", "boy"] * n)]
     return ContrastDataset(tuple(pairs), kind="ab", source="planted")
 
@@ -205,7 +205,8 @@ def test_caa_task_equals_plain_hf_hidden_states(tinystories):
     task = caa_task(tinystories, "blocks.0.hook_resid_post", dataset)
     for row, text in enumerate(tokenize_dataset(tinystories, dataset, read="answer", chat=False)):
         with torch.no_grad():
-            hidden = tinystories.hf(torch.tensor([text.ids]), output_hidden_states=True).hidden_states[1][0]  # block 0's output (the last entry is normed)
+            out = tinystories.hf(torch.tensor([text.ids]), output_hidden_states=True)
+        hidden = out.hidden_states[1][0]  # block 0's output (the last entry of hidden_states is normed)
         torch.testing.assert_close(task.acts[row], hidden[text.span[0]], atol=1e-5, rtol=1e-5)
 
 

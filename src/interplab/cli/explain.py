@@ -31,7 +31,8 @@ def explain(
                                       show_default=False)],
     api_key_env: Annotated[Optional[str], typer.Option(
         help="Environment variable holding the endpoint's API key. [default: no key]", show_default=False)] = None,
-    detection: Annotated[bool, typer.Option("--detection/--no-detection", help="Detection score (yes/no per text).")] = True,
+    detection: Annotated[bool, typer.Option("--detection/--no-detection",
+                                            help="Detection score (yes/no per text).")] = True,
     simulation: Annotated[bool, typer.Option("--simulation/--no-simulation",
                                              help="Simulation score (per-token activations, correlation).")] = True,
     n_shown: Annotated[int, typer.Option(help="Top contexts shown to the explainer.")] = 10,

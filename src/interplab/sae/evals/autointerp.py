@@ -33,6 +33,10 @@ EXPLAIN_PROMPT = (
     "marked <<like this>>.\n\n{examples}\n\nIn one short line, what does the feature detect? Answer with "
     "the label only."
 )
+EXPLAIN_MAX_TOKENS = 40
+"""Tokens the explainer may write (the label is the answer's first line)."""
+DETECT_MAX_TOKENS = 3
+"""Tokens the scorer may write for yes/no."""
 DETECT_PROMPT = (
     "A feature of a language model detects: {label}\n\nText: {text}\n\nIs the feature active in this "
     "text? Answer yes or no."
@@ -131,7 +135,7 @@ def _endpoint_errors(client):
         raise EndpointError(f"the server at {where} answered {error.status_code}: {error.message}") from None
 
 
-def explain(client, model: str, examples: Sequence[Example], *, max_tokens: int = 40) -> str:
+def explain(client, model: str, examples: Sequence[Example], *, max_tokens: int = EXPLAIN_MAX_TOKENS) -> str:
     """A one-line label for the feature active in `examples` (the first line of the answer)."""
     if not examples:
         raise UserInputError("explain needs at least one activating example")
@@ -156,7 +160,7 @@ def detection_score(client, model: str, label: str, positives: Sequence[Example]
     answers, correct = [], {True: 0, False: 0}
     for active, examples in ((True, positives), (False, negatives)):
         for example in examples:
-            reply = ask(client, model, DETECT_PROMPT.format(label=label, text=example.text()), 3)
+            reply = ask(client, model, DETECT_PROMPT.format(label=label, text=example.text()), DETECT_MAX_TOKENS)
             said = parse_yes_no(reply)
             correct[active] += said is active
             answers.append({"active": active, "answer": reply, "parsed": said})

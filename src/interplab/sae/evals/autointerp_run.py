@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from interplab.errors import UserInputError
-from interplab.sae.evals.autointerp import DETECT_PROMPT, EXPLAIN_PROMPT, Example, interpret
+from interplab.sae.evals.autointerp import (
+    DETECT_MAX_TOKENS, DETECT_PROMPT, EXPLAIN_MAX_TOKENS, EXPLAIN_PROMPT, Example, interpret,
+)
 
 FORMAT_VERSION = 1
 
@@ -131,6 +133,8 @@ def explain_features(client, explainer: str, model, sae, index, features: Sequen
         results.append(result)
     settings = {"explainer": explainer, "n_shown": n_shown, "n_scored": n_scored, "seed": seed,
                 "detection": detection, "simulation": simulation, "temperature": 0.0,
+                "max_tokens": {"explain": EXPLAIN_MAX_TOKENS, "detect": DETECT_MAX_TOKENS,
+                               "simulate": "4 * tokens + 8"},
                 "prompts": {"explain": EXPLAIN_PROMPT, "detect": DETECT_PROMPT, "simulate": SIMULATE_PROMPT}}
     return {"format_version": FORMAT_VERSION, "type": "interplab.autointerp", "model": model.model_id,
             "site": index.meta["site"], "index": str(index.path), "sae_digest": index.meta.get("sae_digest"),

@@ -104,10 +104,15 @@ def parse_activations(answer: str, n: int) -> list[float] | None:
     return values if all(0 <= v <= MAX_LEVEL for v in values) else None
 
 
+def simulation_max_tokens(n: int) -> int:
+    """Room for n lines "index<TAB>value" (a few tokens each) and a little more."""
+    return 4 * n + 8
+
+
 def simulate(client, model: str, label: str, example: Example, *, active: bool) -> SimulatedContext:
     """Ask the scorer for per-token activations of one context."""
     n = len(example.tokens)
-    answer = ask(client, model, simulation_prompt(label, example), max_tokens=4 * n + 8)
+    answer = ask(client, model, simulation_prompt(label, example), max_tokens=simulation_max_tokens(n))
     return SimulatedContext(active, list(example.acts), parse_activations(answer, n), answer)
 
 

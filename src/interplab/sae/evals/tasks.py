@@ -95,7 +95,8 @@ def caa_task(model, site: str, behavior, *, n_pairs: int | None = None, chat: bo
             raise UserInputError(f"n_pairs must be >= 4 (each class needs a few examples), got {n_pairs}")
         dataset = dataset[:n_pairs]
     if dataset.kind != "ab":
-        raise UserInputError(f"{name}: the CAA task needs A/B questions ('(A)' / '(B)' answers), got {dataset.kind} pairs")
+        raise UserInputError(f"{name}: the CAA task needs A/B questions ('(A)' / '(B)' answers), "
+                             f"got {dataset.kind} pairs")
     use_chat = has_chat_template(model) if chat is None else chat
     texts = tokenize_dataset(model, dataset, read="answer", chat=use_chat)  # [pos0, neg0, pos1, ...]
     acts = torch.cat([_acts_at(model, site, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
