@@ -8,8 +8,10 @@ Ratios, all measured in this run with interleaved repeats (medians):
   both with logits (capture(..., logits=True)) and with capture's early stop (it skips the
   final norm and unembedding, so it can be cheaper than a forward);
 - steered generate (one vector, one layer, KV cache) vs plain generate (target <= 1.03);
-- the same figures for nnsight, TransformerLens and steering-vectors when they are
-  importable here and support the model (otherwise the reason is printed).
+- the same figures for nnsight, TransformerLens (its TransformerBridge, which hooks the HF model:
+  capture ratio, agreement, and a steered greedy generation compared token by token) and
+  steering-vectors when they are importable here and support the model (otherwise the reason
+  is printed).
 
 Run it with another interpreter (e.g. a transformers-4.x venv) to measure there too.
 """
@@ -48,6 +50,12 @@ def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def machine_load() -> str:
+    """The 1-minute load average against the core count, flagged when the timings are noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" + (" (LOADED: times are noisy)" if load > 0.5 * cores else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -74,7 +82,7 @@ def main() -> None:
         model.tokenizer = PreTrainedTokenizerFast.from_pretrained(model.source)
         model.tokenizer.model_input_names = ["input_ids", "attention_mask"]
     print(f"model {model.model_id}: {model.n_layers} layers, d_model {model.d_model}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; {machine_load()}")
     ids = torch.randint(100, model.vocab_size - 100, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     sites = residual_sites(model)
@@ -141,21 +149,87 @@ def bench_nnsight(model, ids, mask, hf_forward, vector, layer, args) -> None:
 
 
 def bench_transformer_lens(model, ids, mask, hf_forward, vector, layer, args) -> None:
+    """TransformerLens' TransformerBridge (transformer-lens >= 3), which hooks a copy of the same HF
+    model: every block's resid_post via run_with_cache, and greedy generation steered by the same
+    vector at the same layer through the bridge's hooks."""
     import torch
-    from transformer_lens import HookedTransformer
 
-    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct" if "smollm2" in model.model_id else model.model_id
-    tl = HookedTransformer.from_pretrained_no_processing(hub_id, hf_model=model.hf, tokenizer=model.tokenizer,
-                                                         device="cpu", dtype=torch.float32)
-    names = [f"blocks.{i}.hook_resid_post" for i in range(model.n_layers)]
+    import interplab
+    import tl_bridge
+    from interplab.cache import residual_sites
 
-    def tl_capture():
+    bridge = tl_bridge.boot_bridge(model)
+    sites = residual_sites(model)
+
+    def bridge_capture():
         with torch.no_grad():
-            tl.run_with_cache(ids, names_filter=lambda name: name in names)
+            return bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda name: name in sites)[1]
 
-    times = interleaved({"hf": hf_forward, "tl": tl_capture}, args.repeats)
-    print(f"TransformerLens: run_with_cache(all hook_resid_post) ratio {times['tl'] / times['hf']:.3f} vs plain HF "
-          "forward (TL re-implements the model)")
+    def interplab_capture():
+        return interplab.capture(model, sites, ids, batch_size=args.batch, logits=True)
+
+    ours, theirs = interplab_capture(), bridge_capture()
+    worst = max(float((ours[s] - theirs[s]).abs().max() / theirs[s].abs().max()) for s in sites)
+    times = interleaved({"hf": hf_forward, "interplab": interplab_capture, "tl": bridge_capture}, args.repeats)
+    print(f"TransformerLens {_version('transformer-lens')} TransformerBridge, every hook_resid_post on "
+          f"{args.batch}x{args.seq} tokens (median of {args.repeats}, {args.clock} clock):")
+    print(f"  plain HF forward {times['hf'] * 1e3:.1f} ms; interplab capture (logits) ratio "
+          f"{times['interplab'] / times['hf']:.3f}; bridge run_with_cache ratio {times['tl'] / times['hf']:.3f}; "
+          f"bridge / interplab {times['tl'] / times['interplab']:.3f}")
+    print(f"  largest |interplab - bridge| / max|activation| over the layers: {worst:.1e} (the bridge computes "
+          f"attention eagerly; load with attn_implementation='eager' for bit-identical numbers)")
+    _steering_vs_bridge(model, bridge, vector, layer, args)
+
+
+def _steering_vs_bridge(model, bridge, vector, layer, args) -> None:
+    """Greedy tokens and time of interplab's steered generate (KV cache) and the bridge's."""
+    import torch
+
+    import interplab
+    import tl_bridge
+
+    ids = model.tokenizer("The weather in California is", return_tensors="pt").input_ids.to(model.device)
+    name, scale = f"blocks.{layer}.hook_resid_post", 0.5
+
+    def ours(steer_scale):
+        with torch.no_grad(), interplab.intervene(model, {name: interplab.add_vector(vector, scale=steer_scale)}):
+            out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        return out[0, ids.shape[1]:]
+
+    # the bridge's attention reads its KV cache from a `past_key_values` keyword, which transformers
+    # 5.x passes as `cache`: its cached generate then sees only the newest token. Measure both.
+    cached = tl_bridge.steered_tokens(bridge, ids, name, vector, 0.0, args.new_tokens, kv_cache=True)
+    plain = ours(0.0)
+    same = _same_prefix(cached, plain)
+    print(f"  bridge generate with its KV cache, unsteered: {'same tokens as HF' if same == len(plain) else f'DIVERGES from HF generate after {same} of {len(plain)} tokens'}")
+    steered = ours(scale)
+    theirs = tl_bridge.steered_tokens(bridge, ids, name, vector, scale, args.new_tokens, kv_cache=False)
+    same = _same_prefix(theirs, steered)
+    print(f"  steered greedy generate ({args.new_tokens} tokens, vector at layer {layer}, scale {scale}): "
+          f"{'identical tokens' if same == len(steered) == len(theirs) else f'DIFFERENT tokens from position {same}'}"
+          f" (steering changed {int((steered != plain).sum())} of {len(plain)} tokens)")
+    times = interleaved({"interplab": lambda: ours(scale),
+                         "tl": lambda: tl_bridge.steered_tokens(bridge, ids, name, vector, scale, args.new_tokens,
+                                                                kv_cache=False)}, max(1, args.repeats // 2))
+    print(f"  time: interplab (KV cache) {times['interplab'] * 1e3:.0f} ms; bridge (no KV cache) "
+          f"{times['tl'] * 1e3:.0f} ms, ratio bridge / interplab {times['tl'] / times['interplab']:.2f}")
+
+
+def _same_prefix(a, b) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a.tolist(), b.tolist()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def bench_steering_vectors(model, ids, mask, hf_forward, vector, layer, args) -> None:

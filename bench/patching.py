@@ -8,9 +8,12 @@ Compares, on the same IOI prompts and in the same run:
   batched    interplab's engine, several cells per forward (replicas along the batch), prefix
              reuse off;
   interplab  the same with prefix reuse (tokens before the patched position are not recomputed);
-  attribution  attribution patching of the same grid (one forward + backward).
+  attribution  attribution patching of the same grid (one forward + backward);
+  bridge     TransformerLens' TransformerBridge (when importable): the naive loop with the
+             bridge's own hooks (run_with_hooks on hook_resid_pre), on a private copy of the model.
 Prints seconds, the speed-up ratios, the largest disagreement between the grids and the
-attribution estimate's correlation with true patching.
+attribution estimate's correlation with true patching. `--attn eager` loads interplab's model
+with eager attention, the arithmetic the bridge uses, so the two grids can agree bit for bit.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1, help="IOI prompt pairs (one template)")
     parser.add_argument("--cells-per-forward", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--attn", default=None, help="attention implementation for interplab's model "
+                        "(default: the model's, SDPA; 'eager' is what the TransformerLens bridge computes)")
     args = parser.parse_args()
 
     import torch
@@ -79,13 +84,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = interplab.load(args.model)
+    model = interplab.load(args.model, attn_implementation=args.attn)
     task = ioi_task(args.n, templates=[IOI_TEMPLATES[0]], tokenizer=model.tokenizer)
     enc = task.encode(model)
     sites = [f"blocks.{i}.hook_resid_pre" for i in range(model.n_layers)]
     width = int(enc.corrupted_mask.sum(-1).max())
     print(f"model {model.model_id}: {model.n_layers} layers x {width} positions = {model.n_layers * width} cells, "
-          f"{args.n} prompt pair(s), torch threads {torch.get_num_threads()}")
+          f"{args.n} prompt pair(s), torch threads {torch.get_num_threads()}; {machine_load()}")
 
     patch_residual(model, task, layers=[0], columns=[0])  # warm-up
     grid = lambda method: patch_residual(model, task, columns=None, method=method,  # noqa: E731
@@ -108,6 +113,29 @@ def main() -> None:
     stats = compare_grids(exact, attribution)
     print(f"attribution vs true patching: pearson r = {stats['pearson']:.3f}, mean |error| = "
           f"{stats['mean_abs_error']:.3f} (recovery units), sign agreement {stats['sign_agreement']:.0%}")
+    try:
+        bench_bridge(model, enc, sites, exact.raw, t_fast, t_naive)
+    except ImportError as err:
+        print(f"TransformerLens bridge: skipped ({err})")
+
+
+def bench_bridge(model, enc, sites, interplab_grid, t_fast, t_naive) -> None:
+    """The same grid through TransformerLens' TransformerBridge hooks, one forward per cell."""
+    import tl_bridge
+
+    bridge = tl_bridge.boot_bridge(model)
+    grid, seconds = timed(lambda: tl_bridge.patch_grid(bridge, enc, sites))
+    diff = float((interplab_grid - grid).abs().max())
+    print(f"TransformerLens bridge (1 forward per cell) {seconds:7.1f} s  = {seconds / t_fast:.2f}x interplab's time, "
+          f"{seconds / t_naive:.2f}x the naive loop's")
+    print(f"max |metric difference| interplab vs bridge: {diff:.2e} (largest |metric| "
+          f"{float(grid.abs().max()):.2f}; attention {model.hf.config._attn_implementation} here, eager in the bridge)")
+
+
+def machine_load() -> str:
+    """The 1-minute load average against the core count, flagged when the timings are noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" + (" (LOADED: times are noisy)" if load > 0.5 * cores else "")
 
 if __name__ == "__main__":
     main()
