@@ -198,11 +198,12 @@ def _steering_vs_bridge(model, bridge, vector, layer, args) -> None:
         return out[0, ids.shape[1]:]
 
     # the bridge's attention reads its KV cache from a `past_key_values` keyword, which transformers
-    # 5.x passes as `cache`: its cached generate then sees only the newest token. Measure both.
+    # 5.24 passes as `cache`: its cached generate then sees only the newest token. Measure both.
     cached = tl_bridge.steered_tokens(bridge, ids, name, vector, 0.0, args.new_tokens, kv_cache=True)
     plain = ours(0.0)
     same = _same_prefix(cached, plain)
-    print(f"  bridge generate with its KV cache, unsteered: {'same tokens as HF' if same == len(plain) else f'DIVERGES from HF generate after {same} of {len(plain)} tokens'}")
+    verdict = "same tokens as HF" if same == len(plain) else f"DIVERGES from HF generate after {same} of {len(plain)} tokens"
+    print(f"  bridge generate with its KV cache, unsteered: {verdict}")
     steered = ours(scale)
     theirs = tl_bridge.steered_tokens(bridge, ids, name, vector, scale, args.new_tokens, kv_cache=False)
     same = _same_prefix(theirs, steered)

@@ -114,22 +114,22 @@ def main() -> None:
     print(f"attribution vs true patching: pearson r = {stats['pearson']:.3f}, mean |error| = "
           f"{stats['mean_abs_error']:.3f} (recovery units), sign agreement {stats['sign_agreement']:.0%}")
     try:
-        bench_bridge(model, enc, sites, exact.raw, t_fast, t_naive)
+        bench_bridge(model, enc, sites, {"interplab": exact.raw, "batched": batched}, t_fast, t_naive)
     except ImportError as err:
         print(f"TransformerLens bridge: skipped ({err})")
 
 
-def bench_bridge(model, enc, sites, interplab_grid, t_fast, t_naive) -> None:
+def bench_bridge(model, enc, sites, grids, t_fast, t_naive) -> None:
     """The same grid through TransformerLens' TransformerBridge hooks, one forward per cell."""
     import tl_bridge
 
     bridge = tl_bridge.boot_bridge(model)
     grid, seconds = timed(lambda: tl_bridge.patch_grid(bridge, enc, sites))
-    diff = float((interplab_grid - grid).abs().max())
+    diffs = ", ".join(f"{name} {float((ours - grid).abs().max()):.2e}" for name, ours in grids.items())
     print(f"TransformerLens bridge (1 forward per cell) {seconds:7.1f} s  = {seconds / t_fast:.2f}x interplab's time, "
           f"{seconds / t_naive:.2f}x the naive loop's")
-    print(f"max |metric difference| interplab vs bridge: {diff:.2e} (largest |metric| "
-          f"{float(grid.abs().max()):.2f}; attention {model.hf.config._attn_implementation} here, eager in the bridge)")
+    print(f"max |metric difference| vs bridge: {diffs} (largest |metric| {float(grid.abs().max()):.2f}; "
+          f"attention {model.hf.config._attn_implementation} here, eager in the bridge)")
 
 
 def machine_load() -> str:

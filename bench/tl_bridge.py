@@ -60,7 +60,7 @@ def steered_tokens(bridge, ids, name, vector, scale, new_tokens, *, kv_cache: bo
     """Greedy continuation of `ids` (1, seq) with scale * vector added to the activation at hook
     `name` at every position; the new token ids (new_tokens,), EOS not stopping it.
 
-    kv_cache=False by default: with transformers 5.x the bridge's attention looks for the cache
+    kv_cache=False by default: with transformers 5.24 the bridge's attention looks for the cache
     under the `past_key_values` keyword while HF passes it as `cache`, so with the cache on each
     step sees only its own token and the continuation is wrong (measured on TinyStories-656K
     and SmolLM2)."""
