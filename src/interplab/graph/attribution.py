@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interplab.errors import UserInputError
-from interplab.graph.replacement import ReplacementModel
+from interplab.graph.replacement import ReplacementModel, soft_cap
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Graph:
     tokens: list[str]
     """The prompt's tokens."""
     target: dict
-    """The target logit: token id, token, position, value, probability."""
+    """The target logit: token id, token, position, value (before any soft-cap), probability,
+    softcap (Gemma 2's final cap or None) and model_logit (after the cap, what the model outputs)."""
     meta: dict = field(default_factory=dict)
     """Model, layers with transcoders, pruning settings and the influence kept."""
 
@@ -95,10 +96,13 @@ def attribute(model, transcoders, prompt, *, target: str | int | None = None, ba
         adjacency[rows] = edges
         for i, b in zip(rows, biases.tolist()):
             nodes[i]["bias"] = b
-    logits = replacement.real_logits[-1]
+    logits = replacement.real_logits[-1]  # before any soft-cap: the graph's target
+    capped = soft_cap(logits, replacement.softcap)
     info = {"token_id": token, "token": _decode(model, token), "position": len(ids) - 1,
-            "value": float(logits[token]), "probability": float(logits.softmax(-1)[token])}
-    meta = {"model": model.model_id, "transcoder_layers": sorted(transcoders), "pruned": False}
+            "value": float(logits[token]), "probability": float(capped.softmax(-1)[token]),
+            "softcap": replacement.softcap, "model_logit": float(capped[token])}
+    meta = {"model": model.model_id, "transcoder_layers": sorted(transcoders), "pruned": False,
+            "max_features_per_layer": max_features_per_layer}
     return Graph(nodes, adjacency, [_decode(model, int(i)) for i in ids], info, meta)
 
 
@@ -139,7 +143,7 @@ def direct_effects(replacement: ReplacementModel, targets: list[dict], token: in
     embeddings = rm.embeddings[None].repeat(b, 1, 1).requires_grad_()  # (b, seq, d)
     writes = [(rm.feature_writes(L) + rm.errors[L])[None].repeat(b, 1, 1).requires_grad_()
               for L in range(rm.n_layers)]
-    values = _target_values(rm, targets, token, *rm.forward(embeddings, writes))
+    values = _target_values(rm, targets, token, *rm.forward(embeddings, rm.node_mlp(writes)))
     leaves = [embeddings, *writes]
     grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)  # later layers may not reach a target
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
@@ -151,7 +155,7 @@ def direct_effects(replacement: ReplacementModel, targets: list[dict], token: in
     edges.append(torch.zeros(b, 1))  # the logit is never a source
     with torch.no_grad():
         zeros = [torch.zeros_like(w) for w in writes]
-        bias = _target_values(rm, targets, token, *rm.forward(torch.zeros_like(embeddings), zeros))
+        bias = _target_values(rm, targets, token, *rm.forward(torch.zeros_like(embeddings), rm.node_mlp(zeros)))
     return torch.cat(edges, dim=1).detach(), bias
 
 

@@ -1,15 +1,25 @@
-"""Checking a graph with interventions: scale features in the real model and compare the change
-of the target logit with what the graph predicts.
+"""Checking a graph with interventions: set features to scale × their activation and compare the
+change of the target logit (before any soft-cap) with what the graph predicts.
 
 Prediction (the graph, features linearised): with M[t, s] = A[t, s] / a_s the change of target t
 per unit change of source feature s's activation, setting the chosen features' activations to
-scale·a_s (Δ_s = (scale − 1)·a_s) changes every other active feature by Δ = M·Δ (solved along the
-layers) and the logit by Σ_s M[logit, s]·Δ_s over all features.
+scale·a_s (Δ_s = (scale − 1)·a_s, held there) changes every other active feature by Δ = M·Δ
+(solved along the layers) and the logit by Σ_s M[logit, s]·Δ_s over all features.
 
-Measurement: the real model with every transcoder spliced in for its MLP and the error terms of
-the prompt added back (so that the unmodified run is exact), the chosen features' activations
-scaled at their positions; attention, norms and all other features are recomputed, so the graph's
-frozen-attention linearisation is put to the test.
+Measurement, three ways, from the most constrained to the real model (`MODES`):
+
+- "linear": the replacement model (attention patterns and norm scales frozen) with every other
+  graph feature recomputed as its pre-activation, inactive latents kept off and error nodes fixed.
+  This is exactly what the graph assumes, so it must equal the prediction to float precision: a
+  check of `predicted_change` itself.
+- "constrained": the same frozen attention and norms, every latent recomputed through the
+  transcoder's own activation (TopK selection, thresholds), error terms of the prompt fixed. It
+  differs from "linear" only where a downstream feature crosses its threshold (or leaves the top k).
+- "free": the real model with every transcoder spliced in for its MLP and the prompt's error terms
+  added back (exact when nothing is changed); attention patterns, norms and all latents respond.
+  The gap to "constrained" is the cost of freezing attention and norms.
+
+The chosen features are clamped at scale × their activation in the real run in every mode.
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from interplab.errors import UserInputError
 from interplab.graph.attribution import Graph
+
+MODES = ("linear", "constrained", "free")
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,9 @@ class InterventionCheck:
     predicted: float
     """Δ logit the graph predicts."""
     measured: float
-    """Δ logit in the model."""
+    """Δ logit in the real model with transcoders spliced in ("free": attention, norms, latents respond)."""
+    constrained: float
+    """Δ logit with attention patterns and norm scales frozen, latents recomputed ("constrained")."""
 
 
 def predicted_change(graph: Graph, nodes: Sequence[int], scale: float) -> float:
@@ -58,40 +73,106 @@ def predicted_change(graph: Graph, nodes: Sequence[int], scale: float) -> float:
     return float(to_logit @ delta)
 
 
-@torch.no_grad()
-def measured_change(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int], scale: float) -> float:
-    """Δ target logit in the model with transcoders + fixed error terms, features scaled."""
+def _replacement(model, transcoders, graph: Graph, ids: Tensor):
+    """The replacement model the graph was built from (same features per layer)."""
     from interplab.graph.replacement import ReplacementModel
+
+    cap = graph.meta.get("max_features_per_layer")
+    return ReplacementModel(model, transcoders, ids, max_features_per_layer=cap)
+
+
+def _edits(graph: Graph, nodes: Sequence[int], scale: float) -> dict[int, list[tuple[int, int, float]]]:
+    """layer -> [(position, latent, clamped activation)] for the chosen feature nodes."""
+    edits: dict[int, list[tuple[int, int, float]]] = {}
+    for i in nodes:
+        node = graph.nodes[i]
+        if node["kind"] != "feature":
+            raise UserInputError(f"node {i} is a {node['kind']} node; interventions scale feature nodes")
+        edits.setdefault(node["layer"], []).append((node["position"], node["feature"], scale * node["value"]))
+    return edits
+
+
+def _clamp(acts: Tensor, edits: list[tuple[int, int, float]]) -> Tensor:
+    """acts (..., seq, d_sae) with the edited latents set to their clamped values."""
+    for p, f, value in edits:
+        acts[..., p, f] = value
+    return acts
+
+
+@torch.no_grad()
+def measured_change(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int], scale: float, *,
+                    mode: str = "free", replacement=None) -> float:
+    """Δ target logit when features `nodes` are set to scale × their activation, measured in
+    `mode` (see the module docstring). `replacement`: the prompt's ReplacementModel, if built."""
+    if mode not in MODES:
+        raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    rm = replacement or _replacement(model, transcoders, graph, ids)
+    edits = _edits(graph, nodes, scale)
+    token, position = graph.target["token_id"], graph.target["position"]
+    if mode == "free":
+        logit = _free_logit(rm, edits, token, position)
+    else:
+        mlp = _linear_mlp(rm, edits) if mode == "linear" else _constrained_mlp(rm, edits)
+        _, final = rm.forward(rm.embeddings[None], mlp)
+        logit = float(rm.logits(final[:, position])[0, token])
+    return logit - graph.target["value"]
+
+
+def _linear_mlp(rm, edits):
+    """Graph features as their pre-activations (edited ones clamped), error nodes fixed."""
+    def mlp(L: int, x: Tensor) -> Tensor:
+        out = rm.errors[L] + rm.biases[L] + rm.skip(L, x)
+        if L not in rm.features:
+            return out
+        fs, tc = rm.features[L], rm.transcoders[L]
+        acts = torch.zeros(x.shape[:-1] + (tc.cfg.d_sae,))  # (1, seq, d_sae)
+        acts[0, fs.positions, fs.features] = tc.pre_activations(x)[0, fs.positions, fs.features]
+        acts = _clamp(acts, edits.get(L, []))
+        return out + acts @ tc.W_dec / tc.output_scale
+    return mlp
+
+
+def _constrained_mlp(rm, edits):
+    """Every latent through the transcoder's activation (edited ones clamped), error terms fixed."""
+    errors = {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in rm.transcoders.items()}
+
+    def mlp(L: int, x: Tensor) -> Tensor:
+        tc = rm.transcoders.get(L)
+        if tc is None:
+            return rm.errors[L]
+        return tc.decode(_clamp(tc.encode(x), edits.get(L, [])), x) + errors[L]
+    return mlp
+
+
+def _free_logit(rm, edits, token: int, position: int) -> float:
+    """The target logit (before any soft-cap) of the real model with transcoders + error terms."""
     from interplab.hooks import HookSession
     from interplab.sae.transcoder_train import splice_fns
 
-    rm = ReplacementModel(model, transcoders, ids)
-    real_out = {L: _real_output(rm, L) for L in transcoders}
-    errors = {L: real_out[L] - transcoders[L](rm.mlp_inputs[L]) for L in transcoders}
-    edits = {}
-    for i in nodes:
-        node = graph.nodes[i]
-        edits.setdefault(node["layer"], []).append((node["position"], node["feature"]))
+    model, transcoders = rm.model, rm.transcoders
+    errors = {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in transcoders.items()}
 
     def replace(layer, x, y):
         tc = transcoders[layer]
-        acts = tc.encode(x)  # (1, seq, d_sae)
-        for p, f in edits.get(layer, []):
-            acts[0, p, f] = acts[0, p, f] * scale
+        acts = _clamp(tc.encode(x), edits.get(layer, []))  # (1, seq, d_sae)
         return (tc.decode(acts, x) + errors[layer]).to(y.dtype)
 
-    token, position = graph.target["token_id"], graph.target["position"]
-    session = HookSession(model, splice_fns(model, transcoders, None, replace)).attach()
+    last = {}
+    fns = splice_fns(model, transcoders, None, replace)
+    fns.setdefault(model.site(f"blocks.{model.n_layers - 1}.hook_resid_post"), []).append(
+        lambda act, ctx: last.__setitem__("h", act))
+    session = HookSession(model, fns).attach()
     try:
-        logits = model.hf(input_ids=ids[None].to(model.device), use_cache=False).logits
+        model.hf(input_ids=rm.ids[None].to(model.device), use_cache=False)
     finally:
         session.remove()
-    return float(logits[0, position, token]) - graph.target["value"]
+    h = model.ln_final(last["h"][0, position])  # the pre-cap logit: lm_head(ln_f(h))
+    return float(model.unembed(h)[token])
 
 
 def _real_output(rm, L: int) -> Tensor:
     """The real MLP output of layer L: what the replacement writes at that layer in total."""
-    return rm.feature_writes(L) + rm.errors[L] + rm.biases[L] + rm._skip(L, rm.mlp_inputs[L])
+    return rm.feature_writes(L) + rm.errors[L] + rm.biases[L] + rm.skip(L, rm.mlp_inputs[L])
 
 
 def top_features(graph: Graph, n: int) -> list[int]:
@@ -103,10 +184,13 @@ def top_features(graph: Graph, n: int) -> list[int]:
 
 def check_interventions(model, transcoders, graph: Graph, prompt_ids: Tensor, *, top: int = 3,
                         scales: Sequence[float] = (0.0,)) -> list[InterventionCheck]:
-    """For each of the `top` features (and all of them together) and each scale: predicted and
-    measured change of the target logit."""
+    """For each of the `top` features (and all of them together) and each scale: predicted,
+    constrained and free (measured) change of the target logit."""
+    rm = _replacement(model, transcoders, graph, prompt_ids)
     chosen = top_features(graph, top)
     groups = [[i] for i in chosen] + ([chosen] if len(chosen) > 1 else [])
     return [InterventionCheck(group, scale, predicted_change(graph, group, scale),
-                              measured_change(model, transcoders, graph, prompt_ids, group, scale))
+                              measured_change(model, transcoders, graph, prompt_ids, group, scale, replacement=rm),
+                              measured_change(model, transcoders, graph, prompt_ids, group, scale,
+                                              mode="constrained", replacement=rm))
             for group in groups for scale in scales]

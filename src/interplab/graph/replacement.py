@@ -1,29 +1,35 @@
 """The local replacement model of one prompt (Ameisen et al. 2025, "Circuit tracing").
 
 From one real forward pass of the prompt, freeze what is not linear: every norm's scale
-1/rms(x) and every attention pattern. What is left is linear in the residual stream:
+(1/rms or 1/std) and every attention pattern. What is left is affine in the residual stream
+(`frozen.py` has the norm and attention pieces):
 
-    h_0     = the embeddings                                         (a source node per position)
-    a_L     = ln1_L(h_L)            = w1_L ⊙ h_L · r1_L              (r1_L frozen)
-    attn_L  = o_proj(P_L · v_proj(a_L))                               (P_L the frozen pattern)
-    m_L     = h_L + attn_L
-    x_L     = ln2_L(m_L)            = w2_L ⊙ m_L · r2_L               (the MLP input)
-    mlp_L   = Σ_f a_f·d_f + b_dec,L/s_out + skip_L(x_L) + e_L          (transcoder features + error)
-    h_{L+1} = m_L + mlp_L
-    logits  = lm_head(ln_f(h_n))                                      (ln_f scale frozen)
+    h_0     = the embeddings                                     (a source node per position)
+    attn_L  = post_L(o_proj(P_L · v(ln1_L(h_L))))                 (P_L the frozen pattern; post_L the
+                                                                  post-attention norm of Gemma 2/3 and
+                                                                  OLMo 2, else the identity)
+    x_L     = ln2_L(h_L + attn_L)       sequential blocks          (the MLP input)
+            = ln2_L(h_L)                parallel blocks (GPT-NeoX: the MLP reads the block input)
+    mlp_L   = Σ_f a_f·d_f + b_dec,L/s_out + skip_L(x_L) + e_L      (transcoder features + error)
+    h_{L+1} = h_L + attn_L + mlp_L
+    logit   = lm_head(ln_f(h_n))                                  (ln_f scale frozen)
 
 where d_f = W_dec[f]/s_out and e_L = (real MLP output) − (transcoder output) is the error node,
-so the forward pass reproduces the real one exactly (checked when the model is built, for
-every layer's attention output, MLP input and the logits). A layer without a transcoder is one
-error node per position (its MLP output). Feature activations a_f are the sources of the graph:
-the replacement never recomputes them, so each edge is a direct effect.
+so the forward pass reproduces the real one exactly (checked when the model is built, for every
+layer's MLP input and the logits). A layer without a transcoder is one error node per position
+(its MLP output). What a post-MLP norm does is part of the MLP output the transcoder replaces.
+Biases (of norms, attention projections, transcoders) are constant terms, never sources.
 
-Only sequential blocks with RMS norms and separate v/o projections (the Llama family: llama,
-mistral, qwen2, qwen3) are supported; other models are refused before any work.
+Logit soft-capping (Gemma 2): the graph's target is the logit *before* the cap, logit_pre, which
+is affine in the sources; the model's logit is cap·tanh(logit_pre/cap), a monotone function of it.
+
+Feature activations a_f are the sources of the graph: the replacement never recomputes them, so
+each edge is a direct effect. Supported families: see SUPPORTED; others are refused before any work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +37,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.errors import UserInputError
+from interplab.graph.frozen import check_close, freeze_norm, frozen_attention
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.sae.transcoder import Transcoder
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3_text",
+             "gpt2", "gpt_neo", "gpt_neox")
+"""Families whose frozen forward is exact (each passes the completeness test on a tiny model)."""
+
+MLPFn = Callable[[int, Tensor], Tensor]
+"""(layer, MLP input x (b, seq, d)) -> what the layer's MLP writes (b, seq, d)."""
 
 
 @dataclass
@@ -52,24 +64,25 @@ class FeatureSet:
 
 
 class ReplacementModel:
-    """Frozen quantities of one prompt's real run and the linear forward built from them."""
+    """Frozen quantities of one prompt's real run and the affine forward built from them."""
 
     def __init__(self, model, transcoders: dict[int, Transcoder], ids: Int[Tensor, " seq"], *,
                  max_features_per_layer: int | None = None, rtol: float = 1e-3) -> None:
         self.model = model = as_loaded(model)
         _check_supported(model, transcoders, ids)
         self.transcoders, self.ids = transcoders, ids.long()
-        self.n_layers, self.seq = model.n_layers, ids.shape[0]
+        self.n_layers, self.seq, self.parallel = model.n_layers, ids.shape[0], model.arch.parallel
         real = _real_run(model, self.ids)
         self.embeddings = real["blocks.0.hook_resid_pre"]  # (seq, d)
         self.patterns = [real[f"blocks.{L}.attn.hook_pattern"] for L in range(self.n_layers)]
-        self.ln1 = [_frozen_norm(model.block_module(L, model.arch.ln1), real[f"blocks.{L}.hook_resid_pre"])
-                    for L in range(self.n_layers)]
-        self.ln2 = [_frozen_norm(model.block_module(L, model.arch.ln2), real[f"blocks.{L}.hook_resid_mid"])
-                    for L in range(self.n_layers)]
-        self.ln_final = _frozen_norm(model.ln_final, real[f"blocks.{self.n_layers - 1}.hook_resid_post"])
-        self.real_logits = real["logits"]  # (seq, vocab)
-        self.mlp_inputs = [self.ln2[L](real[f"blocks.{L}.hook_resid_mid"]) for L in range(self.n_layers)]
+        self.ln1, self.post_attn, self.ln2 = [], [], []
+        for L in range(self.n_layers):
+            self._freeze_layer(L, real)
+        last = real[f"blocks.{self.n_layers - 1}.hook_resid_post"]
+        self.ln_final = freeze_norm(model.ln_final, last)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.real_logits = _pre_cap_logits(model, last, real["logits"], self.softcap)  # (seq, vocab)
+        self.mlp_inputs = [self.ln2[L](real[_mlp_input_site(self, L)]) for L in range(self.n_layers)]
         self.features: dict[int, FeatureSet] = {}
         self.biases, self.errors = [], []
         for L in range(self.n_layers):
@@ -79,6 +92,21 @@ class ReplacementModel:
         self._verify(real, rtol)
 
     # ---- construction ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _freeze_layer(self, L: int, real: dict) -> None:
+        """Layer L's norms with their scales from the real run; the post-attention norm (if any)
+        is frozen on the attention output computed from the real block input."""
+        arch, h = self.model.arch, real[f"blocks.{L}.hook_resid_pre"]
+        self.ln1.append(freeze_norm(self._module(L, arch.ln1), h))
+        post = self._module(L, arch.attn_out) if arch.attn_out != arch.attn else None  # Gemma 2/3, OLMo 2
+        self.post_attn.append(freeze_norm(post, self._attention_core(L, h[None])[0]))
+        check_close(self._attention(L, h[None])[0], real[f"blocks.{L}.hook_attn_out"], 1e-3,
+                    f"the attention output of layer {L}")
+        self.ln2.append(freeze_norm(self._module(L, arch.ln2), real[_mlp_input_site(self, L)]))
+
+    def _module(self, L: int, path: str | None):
+        return None if path is None else self.model.block_module(L, path)
 
     @torch.no_grad()
     def _layer_terms(self, L: int, mlp_out: Tensor, cap: int | None) -> tuple[Tensor, Tensor]:
@@ -96,10 +124,11 @@ class ReplacementModel:
         directions = values[:, None] * transcoder.W_dec[features] / transcoder.output_scale  # (n, d)
         self.features[L] = FeatureSet(positions, features, values, directions)
         bias = transcoder.b_dec / transcoder.output_scale
-        written = torch.zeros_like(mlp_out).index_add_(0, positions, directions) + bias + self._skip(L, x)
+        written = torch.zeros_like(mlp_out).index_add_(0, positions, directions) + bias + self.skip(L, x)
         return bias, mlp_out - written
 
-    def _skip(self, L: int, x: Tensor) -> Tensor:
+    def skip(self, L: int, x: Tensor) -> Tensor:
+        """A skip transcoder's linear term at layer L (zero otherwise)."""
         transcoder = self.transcoders.get(L)
         if transcoder is None or not transcoder.cfg.skip:
             return torch.zeros_like(x)
@@ -113,78 +142,68 @@ class ReplacementModel:
             out.index_add_(0, fs.positions, fs.directions)
         return out
 
-    # ---- the linear forward -----------------------------------------------------------------
+    # ---- the affine forward -----------------------------------------------------------------
 
-    def forward(self, embeddings: Float[Tensor, "b seq d"], writes: list[Tensor], *, with_bias: bool = True
-                ) -> tuple[list[Tensor], Tensor]:
-        """MLP inputs x_L (b, seq, d) of every layer and the final-norm output (b, seq, d), given
-        the embeddings and each layer's node writes (features + error, b × seq × d)."""
+    def forward(self, embeddings: Float[Tensor, "b seq d"], mlp: MLPFn) -> tuple[list[Tensor], Tensor]:
+        """MLP inputs x_L (b, seq, d) of every layer and the final-norm output (b, seq, d), given the
+        embeddings and what each layer's MLP writes as a function of its input."""
         h, inputs = embeddings, []
         for L in range(self.n_layers):
-            m = h + self._attention(L, self.ln1[L](h))
-            x = self.ln2[L](m)
+            attn = self._attention(L, h)
+            x = self.ln2[L](h if self.parallel else h + attn)
             inputs.append(x)
-            mlp = writes[L] + self._skip(L, x)
-            h = m + mlp + (self.biases[L] if with_bias else 0)
+            h = h + attn + mlp(L, x)
         return inputs, self.ln_final(h)
 
-    def _attention(self, L: int, a: Tensor) -> Tensor:
-        attn = self.model.block_module(L, self.model.arch.attn)
-        b, seq, _ = a.shape
-        pattern = self.patterns[L]  # (heads, q, k)
-        n_heads = pattern.shape[0]
-        v = attn.v_proj(a).view(b, seq, -1, self.model.d_head).transpose(1, 2)  # (b, kv_heads, seq, d_head)
-        v = v.repeat_interleave(n_heads // v.shape[1], dim=1)  # (b, heads, seq, d_head)
-        z = (pattern @ v).transpose(1, 2).reshape(b, seq, -1)  # (b, seq, heads * d_head)
-        return attn.o_proj(z)
+    def node_mlp(self, writes: list[Tensor]) -> MLPFn:
+        """The replacement's MLPs: the given node writes (features + error, b × seq × d per layer)
+        plus the skip term and the decoder bias."""
+        return lambda L, x: writes[L] + self.skip(L, x) + self.biases[L]
+
+    def _attention(self, L: int, h: Tensor) -> Tensor:
+        return self.post_attn[L](self._attention_core(L, h))
+
+    def _attention_core(self, L: int, h: Tensor) -> Tensor:
+        """o_proj(P · v(ln1(h))): the attention output before any post-attention norm."""
+        model = self.model
+        attn, o_proj = model.block_module(L, model.arch.attn), model.block_module(L, model.arch.attn_o)
+        return frozen_attention(attn, o_proj, self.patterns[L], self.ln1[L](h), model.d_head)
 
     def logits(self, final: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits before any soft-cap (the graph's targets)."""
         return self.model.unembed(final if positions is None else final[:, positions])
 
     def _verify(self, real: dict, rtol: float) -> None:
         with torch.no_grad():
             writes = [(self.feature_writes(L) + self.errors[L])[None] for L in range(self.n_layers)]
-            inputs, final = self.forward(self.embeddings[None], writes)
+            inputs, final = self.forward(self.embeddings[None], self.node_mlp(writes))
             logits = self.logits(final)[0]
         for L, x in enumerate(inputs):
-            _close(x[0], self.mlp_inputs[L], rtol, f"the MLP input of layer {L}")
-        _close(logits, self.real_logits, rtol, "the logits")
+            check_close(x[0], self.mlp_inputs[L], rtol, f"the MLP input of layer {L}")
+        check_close(logits, self.real_logits, rtol, "the logits")
 
 
-def _close(got: Tensor, want: Tensor, rtol: float, what: str) -> None:
-    scale = float(want.abs().max()) or 1.0
-    error = float((got - want).abs().max()) / scale
-    if error > rtol:
-        raise RuntimeError(f"the replacement model does not reproduce {what} of the real run (relative error "
-                           f"{error:.2e} > {rtol:.0e}); this architecture computes something the frozen "
-                           "linear forward does not model")
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """Gemma 2's final logit soft-cap: cap·tanh(logits/cap) (identity without a cap)."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-class _FrozenRMSNorm:
-    """x ↦ w ⊙ x · r with r = 1/√(mean(x_real²) + ε) frozen from the real run."""
-
-    def __init__(self, module, real: Tensor) -> None:
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None or not hasattr(module, "weight"):
-            raise UserInputError(f"attribution graphs need RMS norms with a weight and an epsilon; got {type(module).__name__}")
-        self.weight = module.weight.detach().float()
-        self.scale = torch.rsqrt(real.float().pow(2).mean(-1, keepdim=True) + eps)  # (seq, 1)
-        with torch.no_grad():
-            _close(self(real), module(real).float(), 1e-4, f"the norm {type(module).__name__}")
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.weight * (x * self.scale)
+@torch.no_grad()
+def _pre_cap_logits(model: LoadedModel, last: Tensor, logits: Tensor, cap: float | None) -> Tensor:
+    """lm_head(ln_f(h_n)) from the real last residual, checked against the model's own logits."""
+    pre = model.unembed(model.ln_final(last.to(model.device, model.dtype))).float().cpu()
+    check_close(soft_cap(pre, cap), logits, 1e-4, "the logits from the final norm and unembedding")
+    return pre
 
 
-def _frozen_norm(module, real: Tensor) -> _FrozenRMSNorm:
-    return _FrozenRMSNorm(module, real)
+def _mlp_input_site(rm: ReplacementModel, L: int) -> str:
+    return f"blocks.{L}.hook_resid_pre" if rm.parallel else f"blocks.{L}.hook_resid_mid"
 
 
 def _check_supported(model: LoadedModel, transcoders: dict[int, Transcoder], ids: Tensor) -> None:
     kind = model.arch.model_type
-    if kind not in SUPPORTED or model.arch.parallel:
-        raise UserInputError(f"attribution graphs support the Llama family ({', '.join(SUPPORTED)}); "
-                             f"{model.model_id} is {kind!r}")
+    if kind not in SUPPORTED:
+        raise UserInputError(f"attribution graphs support {', '.join(SUPPORTED)}; {model.model_id} is {kind!r}")
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.shape[0] < 1:
         raise UserInputError("the prompt must be a 1-D tensor of token ids (one prompt, no batch)")
     for layer, transcoder in transcoders.items():
@@ -198,11 +217,13 @@ def _check_supported(model: LoadedModel, transcoders: dict[int, Transcoder], ids
 
 @torch.no_grad()
 def _real_run(model: LoadedModel, ids: Tensor) -> dict[str, Tensor]:
-    """Residual stream, MLP outputs, attention patterns and logits of one prompt (float32)."""
+    """Residual stream, attention and MLP outputs, attention patterns and logits of one prompt (float32)."""
     from interplab.cache import capture
 
-    sites = [f"blocks.{L}.{kind}" for L in range(model.n_layers)
-             for kind in ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "attn.hook_pattern")]
+    kinds = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_pattern"]
+    if not model.arch.parallel:
+        kinds.append("hook_resid_mid")
+    sites = [f"blocks.{L}.{kind}" for L in range(model.n_layers) for kind in kinds]
     sites.append(f"blocks.{model.n_layers - 1}.hook_resid_post")
     cache = capture(model, sites, ids[None].to(model.device), logits=True, device="cpu", dtype=torch.float32)
     out = {name: cache[name][0] for name in sites}
