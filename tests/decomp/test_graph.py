@@ -13,7 +13,7 @@ import torch
 
 from interplab.errors import UserInputError
 from interplab.graph.attribution import attribute
-from interplab.graph.check import MODES, check_interventions, measured_change, predicted_change, top_features
+from interplab.graph.check import MODES, _measure, check_interventions, measured_change, predicted_change, top_features
 from interplab.graph.html import write_graph_html
 from interplab.graph.prune import node_influence, prune
 from interplab.sae.transcoder import Transcoder, TranscoderConfig
@@ -197,3 +197,14 @@ def test_refusals():
         attribute(tiny_model("llama"), {5: _transcoders((0,))[0]}, IDS)
     with pytest.raises(UserInputError, match="single token"):
         attribute(tiny_model("llama"), _transcoders(), IDS, target="the cat")
+
+
+def test_crossings_count_latents_that_switch(graph):
+    """A last-layer feature switches nothing on or off downstream; ablating the first-layer features
+    moves the TopK selection at layer 2 of this random model."""
+    model, transcoders = tiny_model("llama"), _transcoders()
+    ranked = top_features(graph, 1000)
+    last = next(i for i in ranked if graph.nodes[i]["layer"] == 2)
+    first = [i for i in ranked if graph.nodes[i]["layer"] == 0][:5]
+    assert _measure(model, transcoders, graph, IDS, [last], 0.0, "constrained")[1] == 0
+    assert _measure(model, transcoders, graph, IDS, first, 0.0, "constrained")[1] > 0

@@ -50,6 +50,9 @@ class InterventionCheck:
     """Δ logit in the real model with transcoders spliced in ("free": attention, norms, latents respond)."""
     constrained: float
     """Δ logit with attention patterns and norm scales frozen, latents recomputed ("constrained")."""
+    crossings: int
+    """Latents (other than the scaled ones) that switched on or off in the constrained run; with 0
+    the constrained change equals the prediction up to float error."""
 
 
 def predicted_change(graph: Graph, nodes: Sequence[int], scale: float) -> float:
@@ -99,23 +102,29 @@ def _clamp(acts: Tensor, edits: list[tuple[int, int, float]]) -> Tensor:
     return acts
 
 
-@torch.no_grad()
 def measured_change(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int], scale: float, *,
                     mode: str = "free", replacement=None) -> float:
     """Δ target logit when features `nodes` are set to scale × their activation, measured in
     `mode` (see the module docstring). `replacement`: the prompt's ReplacementModel, if built."""
+    return _measure(model, transcoders, graph, ids, nodes, scale, mode, replacement)[0]
+
+
+@torch.no_grad()
+def _measure(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int], scale: float, mode: str,
+             replacement=None) -> tuple[float, int | None]:
+    """(Δ target logit, latents switched on/off in a constrained run, else None)."""
     if mode not in MODES:
         raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     rm = replacement or _replacement(model, transcoders, graph, ids)
     edits = _edits(graph, nodes, scale)
     token, position = graph.target["token_id"], graph.target["position"]
     if mode == "free":
-        logit = _free_logit(rm, edits, token, position)
-    else:
-        mlp = _linear_mlp(rm, edits) if mode == "linear" else _constrained_mlp(rm, edits)
-        _, final = rm.forward(rm.embeddings[None], mlp)
-        logit = float(rm.logits(final[:, position])[0, token])
-    return logit - graph.target["value"]
+        return _free_logit(rm, edits, token, position) - graph.target["value"], None
+    crossings = [0]
+    mlp = _linear_mlp(rm, edits) if mode == "linear" else _constrained_mlp(rm, edits, crossings)
+    _, final = rm.forward(rm.embeddings[None], mlp)
+    logit = float(rm.logits(final[:, position])[0, token])
+    return logit - graph.target["value"], crossings[0] if mode == "constrained" else None
 
 
 def _linear_mlp(rm, edits):
@@ -132,15 +141,21 @@ def _linear_mlp(rm, edits):
     return mlp
 
 
-def _constrained_mlp(rm, edits):
-    """Every latent through the transcoder's activation (edited ones clamped), error terms fixed."""
+def _constrained_mlp(rm, edits, crossings: list[int]):
+    """Every latent through the transcoder's activation (edited ones clamped), error terms fixed;
+    counts into crossings[0] the latents whose on/off state differs from the real run."""
     errors = {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in rm.transcoders.items()}
 
     def mlp(L: int, x: Tensor) -> Tensor:
         tc = rm.transcoders.get(L)
         if tc is None:
             return rm.errors[L]
-        return tc.decode(_clamp(tc.encode(x), edits.get(L, [])), x) + errors[L]
+        acts = tc.encode(x)  # (1, seq, d_sae)
+        switched = (acts[0] != 0) != (tc.encode(rm.mlp_inputs[L]) != 0)  # (seq, d_sae)
+        for p, f, _ in edits.get(L, []):
+            switched[p, f] = False
+        crossings[0] += int(switched.sum())
+        return tc.decode(_clamp(acts, edits.get(L, [])), x) + errors[L]
     return mlp
 
 
@@ -189,8 +204,11 @@ def check_interventions(model, transcoders, graph: Graph, prompt_ids: Tensor, *,
     rm = _replacement(model, transcoders, graph, prompt_ids)
     chosen = top_features(graph, top)
     groups = [[i] for i in chosen] + ([chosen] if len(chosen) > 1 else [])
-    return [InterventionCheck(group, scale, predicted_change(graph, group, scale),
-                              measured_change(model, transcoders, graph, prompt_ids, group, scale, replacement=rm),
-                              measured_change(model, transcoders, graph, prompt_ids, group, scale,
-                                              mode="constrained", replacement=rm))
-            for group in groups for scale in scales]
+    checks = []
+    for group in groups:
+        for scale in scales:
+            measure = [_measure(model, transcoders, graph, prompt_ids, group, scale, mode, rm)
+                       for mode in ("free", "constrained")]
+            checks.append(InterventionCheck(group, scale, predicted_change(graph, group, scale), measure[0][0],
+                                            measure[1][0], measure[1][1]))
+    return checks
