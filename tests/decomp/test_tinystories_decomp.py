@@ -1,6 +1,8 @@
 """Skip transcoders on the real TinyStories-656K, trained here for both MLPs from one harvest pass;
 spliced in for every MLP they recover >= 0.8 of the CE loss; an attribution graph built with them
-is complete, prunes to the influence it reports, and its top features move the logit as it says.
+is complete, prunes to the influence it reports, and its top features move the logit as it says:
+exactly with attention and norms frozen when no other latent switches, within bounds otherwise, and
+in the predicted direction in the real model.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from interplab.sae.transcoder_train import evaluate_transcoders, train_transcode
 pytestmark = pytest.mark.slow
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play with her"
-ABLATION_RATIO = (0.2, 1.5)
-"""Bounds of measured / predicted Δlogit when the top features are ablated (the graph's frozen
-attention and norms and its linearised features overestimate the effect on this model: measured
-0.24–0.69 of the prediction when this test was written)."""
-STEERING_MAX_RATIO = 1.5
-"""Upper bound of measured / predicted when they are doubled (the sign must agree; the size was
-0.03–0.55 of the prediction when this test was written)."""
+EXACT_RTOL = 1e-3
+"""Constrained runs where no other latent switches on or off: the graph's prediction is exact (up to
+float error), so measured / predicted must be 1 to this tolerance."""
+CONSTRAINED_RATIO = (0.5, 1.5)
+"""Bounds of constrained / predicted Δlogit when latents downstream do switch (the TopK selection
+responds): 0.58–1.14 when this test was written."""
+FREE_MAX_RATIO = 1.5
+"""Upper bound of free / predicted: attention, norms and latents respond in the real model and
+shrink the change (0.10–0.69 when this test was written; the sign must always agree)."""
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +75,14 @@ def test_pruning_and_interventions(tinystories, transcoders, graph_and_ids):
     assert pruned.meta["features_kept"] < pruned.meta["features_total"]
     checks = check_interventions(tinystories, transcoders, graph, ids, top=3, scales=(0.0, 2.0))
     for check in checks:
-        print(f"features {check.nodes} x{check.scale}: predicted {check.predicted:+.3f}, measured {check.measured:+.3f}")
+        print(f"features {check.nodes} x{check.scale}: predicted {check.predicted:+.3f}, constrained "
+              f"{check.constrained:+.3f} ({check.crossings} latents switched), free {check.measured:+.3f}")
+    assert any(check.crossings == 0 for check in checks)  # the exact case is exercised
     for check in checks:
-        ratio = check.measured / check.predicted
-        assert ratio > 0  # the direction, always
-        if check.scale == 0.0:
-            assert ABLATION_RATIO[0] <= ratio <= ABLATION_RATIO[1]
+        ratio = check.constrained / check.predicted
+        if check.crossings == 0:
+            assert ratio == pytest.approx(1.0, abs=EXACT_RTOL)
         else:
-            assert ratio <= STEERING_MAX_RATIO
+            assert CONSTRAINED_RATIO[0] <= ratio <= CONSTRAINED_RATIO[1]
+        free = check.measured / check.predicted
+        assert 0 < free <= FREE_MAX_RATIO  # the direction, always

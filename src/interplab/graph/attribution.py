@@ -11,7 +11,8 @@ logit)
 
     value_t = Σ_s A[t, s] + bias_t                                      (completeness)
 
-with bias_t the target's value when every source is zero (transcoder biases b_enc, b_dec).
+with bias_t the target's value when every source is zero (the biases of transcoders, norms
+and attention projections).
 For an active feature, value_t is its pre-activation, which equals its activation.
 Ameisen et al. 2025, "Circuit tracing: revealing computational graphs in language models".
 
