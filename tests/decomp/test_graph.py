@@ -157,15 +157,17 @@ def test_linear_intervention_equals_the_prediction(graph):
 
 def test_last_layer_features_need_no_linearisation_of_features(graph):
     """Layer 2 is the last layer with a transcoder: ablating one of its features changes no other
-    feature, so the constrained intervention equals the prediction; the free one differs by how
-    the final norm (not frozen there) responds."""
+    feature, so the constrained intervention equals the prediction; the free one differs only by
+    how the final norm (not frozen there) responds, which is what recomputing the norms shows."""
     model, transcoders = tiny_model("llama"), _transcoders()
     node = next(i for i in top_features(graph, 100) if graph.nodes[i]["layer"] == 2)
     predicted = predicted_change(graph, [node], 0.0)
     constrained = measured_change(model, transcoders, graph, IDS, [node], 0.0, mode="constrained")
+    live_norms = measured_change(model, transcoders, graph, IDS, [node], 0.0, mode="frozen_attention")
     free = measured_change(model, transcoders, graph, IDS, [node], 0.0)
     assert constrained == pytest.approx(predicted, rel=1e-4, abs=1e-5)
     assert free != pytest.approx(predicted, rel=1e-3)
+    assert live_norms == pytest.approx(free, rel=1e-4, abs=1e-5)
 
 
 def test_check_interventions_reports_both_measurements(graph):

@@ -6,7 +6,7 @@ per unit change of source feature s's activation, setting the chosen features' a
 scale·a_s (Δ_s = (scale − 1)·a_s, held there) changes every other active feature by Δ = M·Δ
 (solved along the layers) and the logit by Σ_s M[logit, s]·Δ_s over all features.
 
-Measurement, three ways, from the most constrained to the real model (`MODES`):
+Measurement, four ways, from the most constrained to the real model (`MODES`):
 
 - "linear": the replacement model (attention patterns and norm scales frozen) with every other
   graph feature recomputed as its pre-activation, inactive latents kept off and error nodes fixed.
@@ -15,6 +15,8 @@ Measurement, three ways, from the most constrained to the real model (`MODES`):
 - "constrained": the same frozen attention and norms, every latent recomputed through the
   transcoder's own activation (TopK selection, thresholds), error terms of the prompt fixed. It
   differs from "linear" only where a downstream feature crosses its threshold (or leaves the top k).
+- "frozen_attention": as "constrained" but every norm recomputed by the model's own module; the
+  gap to "constrained" is what the norms' response costs, the gap to "free" the attention patterns'.
 - "free": the real model with every transcoder spliced in for its MLP and the prompt's error terms
   added back (exact when nothing is changed); attention patterns, norms and all latents respond.
   The gap to "constrained" is the cost of freezing attention and norms.
@@ -33,7 +35,7 @@ from torch import Tensor
 from interplab.errors import UserInputError
 from interplab.graph.attribution import Graph
 
-MODES = ("linear", "constrained", "free")
+MODES = ("linear", "constrained", "frozen_attention", "free")
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def measured_change(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequen
 @torch.no_grad()
 def _measure(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int], scale: float, mode: str,
              replacement=None) -> tuple[float, int | None]:
-    """(Δ target logit, latents switched on/off in a constrained run, else None)."""
+    """(Δ target logit, latents switched on/off (None in the linear and free modes))."""
     if mode not in MODES:
         raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     rm = replacement or _replacement(model, transcoders, graph, ids)
@@ -122,9 +124,9 @@ def _measure(model, transcoders, graph: Graph, ids: Tensor, nodes: Sequence[int]
         return _free_logit(rm, edits, token, position) - graph.target["value"], None
     crossings = [0]
     mlp = _linear_mlp(rm, edits) if mode == "linear" else _constrained_mlp(rm, edits, crossings)
-    _, final = rm.forward(rm.embeddings[None], mlp)
+    _, final = (rm.live_norms() if mode == "frozen_attention" else rm).forward(rm.embeddings[None], mlp)
     logit = float(rm.logits(final[:, position])[0, token])
-    return logit - graph.target["value"], crossings[0] if mode == "constrained" else None
+    return logit - graph.target["value"], None if mode == "linear" else crossings[0]
 
 
 def _linear_mlp(rm, edits):

@@ -29,6 +29,7 @@ each edge is a direct effect. Supported families: see SUPPORTED; others are refu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,17 @@ class ReplacementModel:
         check_close(self._attention(L, h[None])[0], real[f"blocks.{L}.hook_attn_out"], 1e-3,
                     f"the attention output of layer {L}")
         self.ln2.append(freeze_norm(self._module(L, arch.ln2), real[_mlp_input_site(self, L)]))
+
+    def live_norms(self) -> "ReplacementModel":
+        """A copy whose norms are the model's own modules (recomputed, not frozen); attention
+        patterns stay frozen. Not affine: for intervention checks, never for attribution."""
+        live, arch = copy.copy(self), self.model.arch
+        live.ln1 = [_callable(self._module(L, arch.ln1)) for L in range(self.n_layers)]
+        live.post_attn = [_callable(self._module(L, arch.attn_out) if arch.attn_out != arch.attn else None)
+                          for L in range(self.n_layers)]
+        live.ln2 = [_callable(self._module(L, arch.ln2)) for L in range(self.n_layers)]
+        live.ln_final = self.model.ln_final
+        return live
 
     def _module(self, L: int, path: str | None):
         return None if path is None else self.model.block_module(L, path)
@@ -181,6 +193,10 @@ class ReplacementModel:
         for L, x in enumerate(inputs):
             check_close(x[0], self.mlp_inputs[L], rtol, f"the MLP input of layer {L}")
         check_close(logits, self.real_logits, rtol, "the logits")
+
+
+def _callable(module):
+    return (lambda x: x) if module is None else module
 
 
 def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
