@@ -3,6 +3,8 @@ with a 4xx and stay up. A tiny random llama with random transcoders keeps this f
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -113,10 +115,12 @@ def test_unsupported_architecture_is_a_400(tmp_path):
     from interplab.serve.server import build_state
 
     folder = save_transcoders({0: Transcoder(TranscoderConfig(d_in=32, d_out=32, d_sae=8, layer=0, k=2))}, tmp_path / "tc")
-    state = build_state(tiny_model("gpt2"), transcoders={"tc": str(folder)}, datasets={})
+    llama = tiny_model("llama")  # every family of the table is supported: pretend to be one that is not
+    unknown = dataclasses.replace(llama, arch=dataclasses.replace(llama.arch, model_type="falcon"))
+    state = build_state(unknown, transcoders={"tc": str(folder)}, datasets={})
     with TestClient(create_app(state)) as client:
         r = client.post("/api/graph", json={"prompt": "the cat sat"})
-        assert r.status_code == 400 and "Llama family" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "'falcon'" in r.json()["error"]["message"]
 
 
 def test_transcoders_of_another_width_are_refused_at_start(tmp_path):
