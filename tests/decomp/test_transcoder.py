@@ -84,3 +84,28 @@ def test_cli_mistakes_exit_2(tmp_path):
     assert result.exit_code == 2 and "no such" in result.output
     result = runner.invoke(app, ["sae", "bench", str(tmp_path / "missing"), "--out", str(tmp_path), "--ks", "1,x"])
     assert result.exit_code == 2 and "--ks" in result.output
+
+
+def test_cli_graph_writes_the_graph_and_prints_every_check(tinystories, tmp_path):
+    """A successful `sae graph` run on TinyStories-656K with random transcoders: the JSON and page are
+    written, and each checked feature set prints its prediction, constrained and free measurements."""
+    import json
+
+    from interplab.cli import app
+
+    g = torch.Generator().manual_seed(0)
+    width = tinystories.hf.config.hidden_size
+    tcs = {L: Transcoder(TranscoderConfig(d_in=width, d_out=width, d_sae=32, layer=L, k=4,
+                                          model_id=str(tinystories.model_id)), generator=g).eval()
+           for L in range(tinystories.n_layers)}
+    folder = save_transcoders(tcs, tmp_path / "tc")
+    out = tmp_path / "graph"
+    result = CliRunner().invoke(app, ["sae", "graph", str(folder), "--prompt", "Once upon a time there was",
+                                      "--check", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "graph.json").read_text())
+    assert (out / "graph.html").read_text().lower().startswith("<!doctype html>")
+    checks = data["meta"]["interventions"]
+    assert len(checks) == 2 and all({"predicted", "constrained", "crossings", "measured"} <= set(c) for c in checks)
+    for c in checks:
+        assert f"predicted {c['predicted']:+.3f}, constrained {c['constrained']:+.3f}" in " ".join(result.output.split())

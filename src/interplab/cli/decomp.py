@@ -138,7 +138,8 @@ def graph(
     _console().print(f"target {full.target['token']!r}: {meta['features_kept']}/{meta['features_total']} features kept "
                      f"({meta['node_influence_kept']:.1%} of influence); {out / 'graph.html'}")
     for c in meta.get("interventions", []):
-        _console().print(f"  ablate {c['nodes']}: predicted {c['predicted']:+.3f}, measured {c['measured']:+.3f}")
+        _console().print(f"  ablate {c['nodes']}: predicted {c['predicted']:+.3f}, constrained {c['constrained']:+.3f} "
+                         f"({c['crossings']} latents switched), free {c['measured']:+.3f}")
 
 
 def _caa_behaviors(text: str, n_pairs: int) -> list[str]:
