@@ -105,7 +105,7 @@ def test_cli_graph_writes_the_graph_and_prints_every_check(tinystories, tmp_path
     assert result.exit_code == 0, result.output
     data = json.loads((out / "graph.json").read_text())
     assert (out / "graph.html").read_text().lower().startswith("<!doctype html>")
-    checks = data["meta"]["interventions"]
-    assert len(checks) == 2 and all({"predicted", "constrained", "crossings", "measured"} <= set(c) for c in checks)
+    checks = data["meta"]["interventions"]  # each of the top 2 features, then both together
+    assert len(checks) == 3 and all({"predicted", "constrained", "crossings", "measured"} <= set(c) for c in checks)
     for c in checks:
         assert f"predicted {c['predicted']:+.3f}, constrained {c['constrained']:+.3f}" in " ".join(result.output.split())
