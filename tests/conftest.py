@@ -13,10 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _typecheck_on() -> bool:
+    return os.environ.get("INTERPLAB_TYPECHECK", "") not in ("", "0")
+
+
 def _typecheck_interplab() -> None:
     """INTERPLAB_TYPECHECK=1: check every jaxtyping annotation in interplab at run time with beartype
     (shapes and dtypes of tensors, and plain types), for one CI pass over the suite."""
-    if os.environ.get("INTERPLAB_TYPECHECK", "") in ("", "0"):
+    if not _typecheck_on():
         return
     import sys
 
@@ -29,6 +33,17 @@ def _typecheck_interplab() -> None:
 
 
 _typecheck_interplab()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under INTERPLAB_TYPECHECK=1, skip the tests marked `wrong_types`: they pass a wrong type on
+    purpose to see interplab's own message, and the run-time checker refuses the call first."""
+    if not _typecheck_on():
+        return
+    skip = pytest.mark.skip(reason="passes a wrong type on purpose; the run-time type checker refuses it first")
+    for item in items:
+        if item.get_closest_marker("wrong_types") is not None:
+            item.add_marker(skip)
 
 from tests.tiny import arch_params, tiny_model  # noqa: E402
 

@@ -90,7 +90,8 @@ def test_wrong_vector_config_field_types_name_the_field_and_file(tmp_path, field
         SteeringVector.load(tmp_path / "v")
 
 
-@pytest.mark.parametrize("direction", [torch.randn(8, dtype=torch.complex64), np.ones(8) * (1 + 2j)])
+@pytest.mark.parametrize("direction", [torch.randn(8, dtype=torch.complex64),
+                                       pytest.param(np.ones(8) * (1 + 2j), marks=pytest.mark.wrong_types)])
 def test_complex_vector_is_refused(direction):
     with pytest.raises(UserInputError, match="complex"):
         SteeringVector({1: direction})
@@ -143,9 +144,12 @@ def test_sae_save_refuses_to_replace_a_foreign_folder(tmp_path):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    (lambda c: c["config"].update(d_sae="16"), r"d_sae must be a positive int, got '16'"),
-    (lambda c: c["config"].update(site=7), r"site must be a string"),
-    (lambda c: c.update(config=[1, 2]), r"SAEConfig.from_dict expects a dict, got list"),
+    # a file's wrong field types reach SAEConfig's annotated constructor (hence wrong_types)
+    pytest.param(lambda c: c["config"].update(d_sae="16"), r"d_sae must be a positive int, got '16'",
+                 marks=pytest.mark.wrong_types),
+    pytest.param(lambda c: c["config"].update(site=7), r"site must be a string", marks=pytest.mark.wrong_types),
+    pytest.param(lambda c: c.update(config=[1, 2]), r"SAEConfig.from_dict expects a dict, got list",
+                 marks=pytest.mark.wrong_types),
     (lambda c: c.update(tensors_digest=3), r"tensors_digest must be a string"),
 ])
 def test_wrong_sae_config_field_types_name_the_file(tmp_path, change, fragment):

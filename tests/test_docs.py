@@ -244,7 +244,8 @@ def test_result_objects_print_a_short_summary_not_tensors():
     from interplab.cache import ActivationCache
 
     grid = Grid(torch.tensor([[0.1, 0.9], [0.3, float("nan")]]), ["L0", "L1"], ["S2", "end"], title="recovery")
-    cache = ActivationCache({"blocks.0.hook_resid_post": torch.zeros(2, 3, 4)}, torch.zeros(2, 3), torch.ones(2, 3))
+    cache = ActivationCache({"blocks.0.hook_resid_post": torch.zeros(2, 3, 4)}, torch.zeros(2, 3, dtype=torch.long),
+                            torch.ones(2, 3, dtype=torch.long))
     lens = LensResult([["a", "b"]], ["embed", "L0"], torch.zeros(1, 2, 2, 3), torch.zeros(1, 2, 2, 3), [],
                       answers=[" b"])
     dla = DLAResult(torch.tensor([[0.5, -2.0]]), torch.tensor([1.0]), 0.25, 0.0, -0.25, -0.25, {}, {"what": "x"})

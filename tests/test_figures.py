@@ -46,7 +46,7 @@ def _sweep_row(layer: int, multiplier: float) -> dict:
     from interplab.steering.evaluate import SweepRow
 
     values = {f.name: 0.5 for f in fields(SweepRow)}
-    values.update({"layer": layer, fields(SweepRow)[1].name: multiplier})  # the strength field, whatever its name
+    values.update({"layer": layer, "n_items": 2, fields(SweepRow)[1].name: multiplier})  # the strength field, whatever its name
     return values
 
 

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -10,8 +8,6 @@ from interplab.interventions import (add_vector, clamp_direction, mean_ablate, p
 from tests.helpers import BASELINE_HOOKS, hook_count, logits, random_ids
 
 SITE = "blocks.1.hook_resid_post"
-TYPECHECKED = pytest.mark.skipif(os.environ.get("INTERPLAB_TYPECHECK") == "1",
-                                 reason="the run-time type checker refuses the wrong type first")
 
 
 def test_identity_intervention_is_bit_identical(any_model):
@@ -176,13 +172,14 @@ def test_bad_input_registers_nothing(llama, mapping, match):
     (lambda: project_out(torch.ones(32, dtype=torch.complex64)), "complex-valued"),
     (lambda: clamp_direction(torch.ones(32), float("nan")), "finite real number"),
     (lambda: zero_ablate(positions="bogus"), r"'bogus'.*'all', 'prompt', 'generated'"),
-    (lambda: zero_ablate(index="0"), "index must be an int"),
+    pytest.param(lambda: zero_ablate(index="0"), "index must be an int", marks=pytest.mark.wrong_types),
     pytest.param(lambda: add_vector(torch.ones(32), norm_preserving="yes"), "norm_preserving must be True or False",
-                 marks=TYPECHECKED),
+                 marks=pytest.mark.wrong_types),
     pytest.param(lambda: mean_ablate(torch.ones(2, 3, 32), per_position=1), "per_position must be True or False",
-                 marks=TYPECHECKED),
+                 marks=pytest.mark.wrong_types),
     (lambda: zero_ablate(index=[True]), "index must hold ints"),
-    (lambda: mean_ablate(torch.ones(2, 3, 32), positions=[1.5]), "not understood"),
+    pytest.param(lambda: mean_ablate(torch.ones(2, 3, 32), positions=[1.5]), "not understood",
+                 marks=pytest.mark.wrong_types),
     (lambda: resample_ablate("cache"), "ActivationCache or a tensor"),
     (lambda: patch(torch.ones(32)), r"\(batch, seq, \.\.\.\)"),
     (lambda: patch(torch.ones(1, 4, 32), positions=slice(0, 4, 2)), "step"),

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from interplab.models.handle import LoadedModel
-from interplab.positions import Positions, as_positions
+from interplab.positions import as_positions
 from interplab.sites import Site
+from interplab.types import PositionsLike
 
 SiteFn = Callable[[Tensor, "HookContext"], Tensor]
 
@@ -122,7 +123,7 @@ class HookContext:
             return torch.full((act.shape[0],), act.shape[1], device=act.device)
         return plen.to(act.device)
 
-    def mask(self, act: Tensor, positions: Positions | None = None) -> Tensor:
+    def mask(self, act: Tensor, positions: PositionsLike = None) -> Tensor:
         """(batch, seq) bool: which tokens of `act` the position spec selects."""
         tracker = self.tracker
         return as_positions(positions).mask(self.positions(act), self.prompt_len(act),

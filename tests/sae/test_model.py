@@ -262,12 +262,17 @@ def test_wrong_width_is_refused_with_the_expected_width():
         sae.encode(torch.randn(4, 10))
     with pytest.raises(ValueError, match="d_sae=48"):
         sae.decode(torch.randn(4, 40))
+    with pytest.raises(ValueError, match="dead_mask"):
+        sae(torch.randn(4, 12), dead_mask=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.wrong_types
+def test_wrong_rank_or_dtype_is_refused():
+    sae = make_sae("topk")
     with pytest.raises(ValueError, match=r"\(batch, d_in\) matrix"):
         sae(torch.randn(2, 3, 12))
     with pytest.raises(TypeError, match="floating-point"):
         sae.encode(torch.ones(4, 12, dtype=torch.int64))
-    with pytest.raises(ValueError, match="dead_mask"):
-        sae(torch.randn(4, 12), dead_mask=torch.ones(3, dtype=torch.bool))
 
 
 # ---- metrics ---------------------------------------------------------------------------------

@@ -93,6 +93,10 @@ def test_scales_must_be_numbers():
         check_scales([float("nan")])
     with pytest.raises(ValueError, match="non-empty list"):
         check_scales([])
+
+
+@pytest.mark.wrong_types
+def test_sweep_refuses_a_scale_that_is_not_a_number():
     with pytest.raises(ValueError, match="scale 'x'"):
         ab_sweep(ab_model(), random_vector(), ab_data(), scales=["x"])
 

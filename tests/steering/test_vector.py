@@ -46,9 +46,13 @@ def test_normalisation_and_cosine():
     assert orth.cosine_similarity(SteeringVector({0: torch.tensor([0.0, 2.0])})) == {0: 0.0}
 
 
-def test_bad_arithmetic_and_construction():
+@pytest.mark.wrong_types
+def test_multiplying_by_a_string_is_refused():
     with pytest.raises(TypeError, match="multiplied by a number"):
         vec(0) * "2"
+
+
+def test_bad_arithmetic_and_construction():
     with pytest.raises(ZeroDivisionError):
         vec(0) / 0
     with pytest.raises(ValueError, match="per-layer shape"):
@@ -158,10 +162,16 @@ def test_apply_checks_before_any_hook(llama):
         vec(0, layers=(0, 5)).apply(llama)
     with pytest.raises(ValueError, match="layer 2 is not in this vector"):
         vec(0).apply(llama, layers=[2])
-    with pytest.raises(TypeError, match="scale must be a number"):
-        vec(0).apply(llama, scale="big")
     with pytest.raises(ValueError, match="finite"):
         vec(0).apply(llama, scale=float("inf"))
+    assert hook_count(llama) == before
+
+
+@pytest.mark.wrong_types
+def test_apply_refuses_a_scale_that_is_not_a_number(llama):
+    before = hook_count(llama)
+    with pytest.raises(TypeError, match="scale must be a number"):
+        vec(0).apply(llama, scale="big")
     assert hook_count(llama) == before
 
 

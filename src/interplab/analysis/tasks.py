@@ -36,22 +36,23 @@ METRICS = ("logit_diff", "prob", "loss")
 class Task:
     """A behaviour to explain: clean prompts whose next token should be `correct`."""
 
-    clean: tuple[str, ...]
+    # Sequences (lists or tuples) are accepted and stored as tuples, so a Task is immutable.
+    clean: Sequence[str]
     """Prompts that show the behaviour."""
-    correct: tuple[str, ...]
+    correct: Sequence[str]
     """The right next word for each clean prompt; must be one token (e.g. " Mary" with its space)."""
-    incorrect: tuple[str, ...] | None = None
+    incorrect: Sequence[str] | None = None
     """A wrong next word per prompt (needed by the logit_diff metric), e.g. " John"."""
-    corrupted: tuple[str, ...] | None = None
+    corrupted: Sequence[str] | None = None
     """Counterpart prompts without the behaviour, for patching; each must tokenise to as many
     tokens as its clean prompt unless `position_map` says how positions correspond."""
     metric: str = "logit_diff"
     """One of "logit_diff", "prob", "loss" (see the module docstring)."""
-    marks: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    marks: Mapping[str, Sequence[int]] = field(default_factory=dict)
     """Named positions given as a character offset per clean prompt (e.g. "IO": where the
     indirect object's name starts); the token covering that character is the mark. "end"
     (the last prompt token) is always available."""
-    position_map: tuple[tuple[int, ...], ...] | None = None
+    position_map: Sequence[Sequence[int]] | None = None
     """For pairs whose token lengths differ: for each pair (or one entry for all pairs), the clean
     token position that each corrupted token position corresponds to (-1: none, never patched)."""
     multi_token: str = "error"

@@ -21,7 +21,8 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
+def _print_version(value: bool) -> bool:
+    """--version's callback: what it returns becomes the option's value (typer passes it to _root)."""
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -30,6 +31,7 @@ def _print_version(value: bool) -> None:
         except PackageNotFoundError:
             typer.echo("interplab (not installed: running from a source tree)")
         raise typer.Exit()
+    return value
 
 
 @app.callback()

@@ -127,9 +127,10 @@ class MetricsAccumulator:
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: SAE, batches: Iterable[Float[Tensor, "n d_in"]], *, dense_threshold: float = 0.1
+    sae: SAE, batches: Iterable[Float[Tensor, "*_batch d_in"]], *, dense_threshold: float = 0.1
 ) -> SAEMetrics:
-    """`SAEMetrics` of `sae` (in inference mode: encode then decode) over a stream of activation batches."""
+    """`SAEMetrics` of `sae` (in inference mode: encode then decode) over a stream of activation batches.
+    Each batch has its own leading shape (hence `*_batch`, not checked across batches)."""
     accumulator = MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, dense_threshold=dense_threshold)
     was_training = sae.training
     sae.eval()

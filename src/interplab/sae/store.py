@@ -320,7 +320,7 @@ def check_context_length(model: LoadedModel, context_length: int) -> None:
 class ActivationChunk:
     """Activations of a set of tokens at several sites, with where each token came from."""
 
-    acts: dict[str, Float[Tensor, "n width"]]
+    acts: dict[str, Float[Tensor, "n _width"]]  # _width: sites differ in width
     """Site name -> (n, width) activations (attn.hook_z is flattened to n_heads * d_head)."""
     tokens: Int[Tensor, " n"]
     """Token id of each row."""

@@ -73,8 +73,10 @@ class RowTable:
     length. `keep(indices)` follows the batch when finished rows are dropped.
     """
 
-    rows: list[dict[Site, list[Callable]]]
-    prompt_len: Tensor
+    rows: list[dict[Site, list[AddVector | Callable]]]
+    """Plain `AddVector` values (added for all rows at once) or bound site functions fn(act, ctx)."""
+    prompt_len: Tensor | Sequence[int]
+    """Stored as a (batch,) long tensor."""
     prompt_ids: list[Tensor] | None = None
     """Each row's prompt token ids (1-D), so that positions found from the prompt's own tokens
     ("caa": after the chat template's assistant header) work per row and follow dropped rows."""
