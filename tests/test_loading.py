@@ -117,24 +117,30 @@ def test_package_import_defines_only_and_cli_help_skips_torch():
 
 
 def test_models_command_lists_aliases():
-    out = subprocess.run([sys.executable, "-m", "interplab.cli", "models"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"})
-    assert out.returncode == 0
+    from typer.testing import CliRunner
+
+    from interplab.cli import app
+
+    out = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
     for name in ALIASES:
-        assert name in out.stdout
+        assert name in out.output
 
 
 def test_info_command_on_local_folder(shared_dir):
+    """In process (CliRunner): the subprocess form of the CLI is covered by the import-light test."""
+    from typer.testing import CliRunner
+
+    from interplab.cli import app
+
     path = shared_dir / "models" / "TinyStories-656K"
     if not path.is_dir():
         pytest.skip("shared TinyStories model missing")
-    out = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "-m", str(path)], capture_output=True,
-                         text=True, env={**os.environ, "COLUMNS": "200"})
-    assert out.returncode == 0, out.stderr
-    assert "n_layers" in out.stdout and "128" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "interplab.cli", "info", "-m", "/no/such/model"], capture_output=True,
-                         text=True)
-    assert bad.returncode == 2 and "no model folder" in bad.stderr
+    out = CliRunner().invoke(app, ["info", "-m", str(path)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "n_layers" in out.output and "128" in out.output
+    bad = CliRunner().invoke(app, ["info", "-m", "/no/such/model"])
+    assert bad.exit_code == 2 and "no model folder" in bad.output
 
 
 def test_a_killed_conversion_is_swept_by_the_next(tmp_path, monkeypatch):
