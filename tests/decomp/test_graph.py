@@ -51,10 +51,17 @@ def _perturbed(model_type: str, **config):
 
 
 def _assert_complete(graph, tol):
-    """value_t = Σ_s A[t, s] + bias_t at every feature and the logit."""
+    """value_t = Σ_s A[t, s] + bias_t at every feature and the logit, to tol plus float32 rounding of
+    the terms: with random norm gains a logit can be the small difference of terms in the hundreds
+    (edges up to ~340 and a bias of -143 for a logit of 0.3), where float32 alone errs by ~1e-6 of
+    the terms' total size."""
     targets = [i for i, n in enumerate(graph.nodes) if n["kind"] in ("feature", "logit")]
-    recomposed = graph.adjacency.double()[targets].sum(1) + graph.biases()[targets]
-    torch.testing.assert_close(recomposed, graph.values()[targets], rtol=tol, atol=tol)
+    terms = graph.adjacency.double()[targets]
+    recomposed = terms.sum(1) + graph.biases()[targets]
+    size = terms.abs().sum(1) + graph.biases()[targets].abs()
+    error = (recomposed - graph.values()[targets]).abs()
+    allowed = tol * (1 + graph.values()[targets].abs()) + 1e-6 * size
+    assert (error <= allowed).all(), f"worst: error {error.max():.3g}, allowed there {allowed[error.argmax()]:.3g}"
 
 
 @pytest.fixture(scope="module")

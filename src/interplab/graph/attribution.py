@@ -138,20 +138,23 @@ def _nodes(model, replacement: ReplacementModel, token: int) -> list[dict]:
 
 
 def direct_effects(replacement: ReplacementModel, targets: list[dict], token: int) -> tuple[Tensor, Tensor]:
-    """Edges (len(targets), n_nodes) into each target from every source, and each target's bias,
-    with one backward pass for all of them."""
+    """Edges (len(targets), n_nodes) into each target from every source, and each target's bias.
+
+    The replacement model is linear in its sources and the same for every target, so one forward
+    pass of the prompt serves them all; the targets' gradients come from one backward pass
+    batched over them (vmap over the output gradients, ``is_grads_batched``)."""
     rm, b = replacement, len(targets)
-    embeddings = rm.embeddings[None].repeat(b, 1, 1).requires_grad_()  # (b, seq, d)
-    writes = [(rm.feature_writes(L) + rm.errors[L])[None].repeat(b, 1, 1).requires_grad_()
-              for L in range(rm.n_layers)]
-    values = _target_values(rm, targets, token, *rm.forward(embeddings, rm.node_mlp(writes)))
+    embeddings = rm.embeddings[None].clone().requires_grad_()  # (1, seq, d)
+    writes = [(rm.feature_writes(L) + rm.errors[L])[None].clone().requires_grad_() for L in range(rm.n_layers)]
+    values = _target_values(rm, targets, token, *rm.forward(embeddings, rm.node_mlp(writes)))  # (b,)
     leaves = [embeddings, *writes]
-    grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)  # later layers may not reach a target
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    grads = _batched_grads(values, leaves)  # each (b, seq, d)
     edges = [(grads[0] * rm.embeddings).sum(-1)]  # (b, seq)
     for L in sorted(rm.features):
         fs = rm.features[L]
-        edges.append((grads[1 + L][:, fs.positions] * fs.directions).sum(-1))  # (b, n_features_L)
+        # grads · direction of each feature at its own position: one matmul, then each column's position
+        per_position = grads[1 + L] @ fs.directions.T  # (b, seq, n_features_L)
+        edges.append(per_position[:, fs.positions, torch.arange(len(fs.positions))])  # (b, n_features_L)
     edges += [(grads[1 + L] * rm.errors[L]).sum(-1) for L in range(rm.n_layers)]  # (b, seq) each
     edges.append(torch.zeros(b, 1))  # the logit is never a source
     with torch.no_grad():
@@ -160,15 +163,24 @@ def direct_effects(replacement: ReplacementModel, targets: list[dict], token: in
     return torch.cat(edges, dim=1).detach(), bias
 
 
+def _batched_grads(values: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """d values[i] / d leaf for every i, as (len(values), *leaf.shape[1:]) per leaf (zeros where a
+    leaf does not reach a value: later layers never reach an earlier target)."""
+    eye = torch.eye(len(values), dtype=values.dtype)
+    grads = torch.autograd.grad(values, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    return [torch.zeros(len(values), *x.shape[1:], dtype=x.dtype) if g is None else g[:, 0]
+            for x, g in zip(leaves, grads)]
+
+
 def _target_values(rm: ReplacementModel, targets: list[dict], token: int, inputs: list[Tensor], final: Tensor) -> Tensor:
-    """Row b: target b's value (a feature's pre-activation or the target logit) in row b's forward."""
+    """Each target's value (a feature's pre-activation or the target logit) in the one-row forward."""
     values = []
-    for b, node in enumerate(targets):
+    for node in targets:
         if node["kind"] == "logit":
-            values.append(rm.logits(final[b:b + 1, -1])[0, token])
+            values.append(rm.logits(final[:1, -1])[0, token])
         else:
             tc = rm.transcoders[node["layer"]]
-            x = inputs[node["layer"]][b, node["position"]]
+            x = inputs[node["layer"]][0, node["position"]]
             values.append((x * tc.input_scale) @ tc.W_enc[:, node["feature"]] + tc.b_enc[node["feature"]])
     return torch.stack(values)
 
