@@ -17,7 +17,7 @@ For an active feature, value_t is its pre-activation, which equals its activatio
 Ameisen et al. 2025, "Circuit tracing: revealing computational graphs in language models".
 
 One backward pass gives the gradients of one target at every source at once; `batch_size`
-targets share a pass (each row of the batch holds a copy of the prompt and its own target).
+targets share a pass (one forward pass of the prompt, a backward pass batched over the targets).
 """
 
 from __future__ import annotations
