@@ -166,9 +166,9 @@ def direct_effects(replacement: ReplacementModel, targets: list[dict], token: in
 def _batched_grads(values: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     """d values[i] / d leaf for every i, as (len(values), *leaf.shape[1:]) per leaf (zeros where a
     leaf does not reach a value: later layers never reach an earlier target)."""
-    eye = torch.eye(len(values), dtype=values.dtype)
+    eye = torch.eye(len(values), dtype=values.dtype, device=values.device)
     grads = torch.autograd.grad(values, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-    return [torch.zeros(len(values), *x.shape[1:], dtype=x.dtype) if g is None else g[:, 0]
+    return [x.new_zeros(len(values), *x.shape[1:]) if g is None else g[:, 0]
             for x, g in zip(leaves, grads)]
 
 
