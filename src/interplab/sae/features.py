@@ -1,7 +1,9 @@
 """Features people can read: what makes each SAE latent fire, and what it does to the logits.
 
-`build_feature_index` runs a corpus through the model and the SAE once and stores, per latent,
-in one SQLite file (so that later queries are instant):
+`build_feature_index` runs a corpus through the model and the SAE (or a transcoder: its latents
+read the MLP input of its layer, ln2(resid_mid), and its decoder writes the MLP output straight
+into the residual stream) once and stores, per latent, in one SQLite file (so that later queries
+are instant):
 
 - the top-activating contexts: a fixed-size heap per latent of the windows with the largest
   maximum activation (one entry per window), with the latent's activation on every token;
@@ -11,7 +13,8 @@ in one SQLite file (so that later queries are instant):
 - its firing density: the fraction of (non-special) tokens on which it is non-zero;
 - its logit effects: the tokens its decoder direction promotes and suppresses through the
   unembedding, W_U (γ ⊙ r_i), where r_i is the decoder row W_dec[i] carried to the residual stream
-  (through W_O for attn.hook_z, through W_down for mlp.hook_post) and γ the final norm's weight
+  (through W_O for attn.hook_z, through W_down for mlp.hook_post; W_dec[i] / s_out for a
+  transcoder, whose decoder writes the MLP output) and γ the final norm's weight
   when `fold_norm` (the "direct logit effect" of Bricken et al. 2023 / Neuronpedia, which
   ignores the norm's data-dependent scale);
 - a cheap label built from the tokens it fires on and the tokens it promotes.
@@ -37,13 +40,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.errors import ArtifactError, UserInputError
-from interplab.files import atomic_write
+from interplab.files import atomic_write, tensors_digest
 from interplab.models.handle import LoadedModel, as_loaded
 from interplab.progress import progress as progress_items
 from interplab.sae.downstream import resolve_sae_site
 from interplab.sae.formats import sae_digest
 from interplab.sae.model import SAE
 from interplab.sae.store import Harvester, corpus_windows, special_token_ids
+from interplab.sae.transcoder import Transcoder
 from interplab.sites import Site
 from interplab.tokens import special_token_mask
 
@@ -94,16 +98,21 @@ def final_norm_scale(model: LoadedModel) -> Tensor | None:
     return 1.0 + weight if "gemma" in type(model.ln_final).__name__.lower() else weight
 
 
-def logit_effect_matrix(model: LoadedModel, sae: SAE, site: Site, features: Tensor, *,
+def logit_effect_matrix(model: LoadedModel, sae: SAE | Transcoder, site: Site, features: Tensor, *,
                         fold_norm: bool = True) -> Float[Tensor, "n vocab"]:
-    """W_U (γ ⊙ r_i) for the given latents i (see the module docstring)."""
-    directions = residual_directions(model, site, sae.W_dec.detach()[features])
+    """W_U (γ ⊙ r_i) for the given latents i (see the module docstring); for a transcoder, `site` is
+    the one it reads (its MLP input) and r_i = W_dec[i] / s_out, what one unit of latent i adds to
+    the residual stream at the MLP output."""
+    unembed = model.unembed.weight.detach()
+    if isinstance(sae, Transcoder):
+        directions = (sae.W_dec.detach()[features] / sae.output_scale).to(unembed.device)
+    else:
+        directions = residual_directions(model, site, sae.W_dec.detach()[features])
     if fold_norm and site.kind != "ln_final.hook_normalized":
         gamma = final_norm_scale(model)
         if gamma is not None:
-            directions = directions * gamma.to(directions.dtype)
-    unembed = model.unembed.weight.detach()
-    return directions.to(unembed.dtype) @ unembed.T
+            directions = directions * gamma.to(device=directions.device, dtype=directions.dtype)
+    return directions.to(device=unembed.device, dtype=unembed.dtype) @ unembed.T
 
 
 def feature_vocab_effect(model, sae: SAE, feature: int, *, site: str | None = None,
@@ -116,7 +125,7 @@ def feature_vocab_effect(model, sae: SAE, feature: int, *, site: str | None = No
 
 
 @torch.no_grad()
-def top_logit_effects(model: LoadedModel, sae: SAE, site: Site, *, k: int = 10, fold_norm: bool = True,
+def top_logit_effects(model: LoadedModel, sae: SAE | Transcoder, site: Site, *, k: int = 10, fold_norm: bool = True,
                       chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(promoted ids, promoted values, suppressed ids, suppressed values), each (d_sae, k)."""
     parts = []
@@ -198,10 +207,54 @@ class FeatureStats:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Reader:
+    """What an index is of: the site harvested, how its rows become latents, and the meta that
+    identifies the SAE or transcoder (checked by FeatureIndex.check_sae)."""
+
+    site: Site
+    encode: object
+    """(rows, width) harvested at `site` -> (rows, d_sae) latent activations."""
+    d_sae: int
+    meta: dict
+
+
+def _reader(model: LoadedModel, sae: SAE | Transcoder, site: str | None) -> _Reader:
+    if isinstance(sae, Transcoder):
+        return _transcoder_reader(model, sae, site)
+    resolved = resolve_sae_site(model, sae, site)
+    return _Reader(resolved, sae.encode, sae.cfg.d_sae, {"kind": "sae", "site": resolved.name,
+                                                          "sae_digest": sae_digest(sae)})
+
+
+def _transcoder_reader(model: LoadedModel, transcoder: Transcoder, site: str | None) -> _Reader:
+    from interplab.sae.transcoder_train import check_layers, mlp_input, mlp_input_site
+
+    layer, cfg = transcoder.cfg.layer, transcoder.cfg
+    if site is not None:
+        raise UserInputError("a transcoder reads the MLP input of its own layer; leave site unset")
+    check_layers(model, [layer])
+    if cfg.d_in != model.d_model or cfg.d_out != model.d_model:
+        raise UserInputError(f"the layer-{layer} transcoder reads d_in={cfg.d_in} and writes d_out={cfg.d_out}, but "
+                             f"{model.model_id} has hidden_size={model.d_model}; use the model it was trained on")
+    read = model.site(mlp_input_site(model, layer))
+
+    def encode(raw: Tensor) -> Tensor:
+        return transcoder.encode(mlp_input(model, raw, layer).to(transcoder.W_enc.device))
+
+    return _Reader(read, encode, cfg.d_sae, {"kind": "transcoder", "layer": layer, "site": read.name,
+                                             "transcoder_digest": transcoder_digest(transcoder)})
+
+
+def transcoder_digest(transcoder: Transcoder) -> str:
+    """The digest of a transcoder's tensors: its identity for a feature index."""
+    return tensors_digest(transcoder.state_dict())
+
+
 @torch.no_grad()
 def build_feature_index(
     model,
-    sae: SAE,
+    sae: SAE | Transcoder,
     corpus,
     path,
     *,
@@ -217,21 +270,23 @@ def build_feature_index(
     sae_path: str | None = None,
     progress: bool = False,
 ) -> "FeatureIndex":
-    """Write the feature index of `sae` over `corpus` (a text/JSONL file or folder, a list of texts,
-    or an (n, seq) tensor of token windows) to the SQLite file `path`, replacing it atomically."""
+    """Write the feature index of `sae` (an SAE, or a Transcoder: its latents on its layer's MLP
+    input) over `corpus` (a text/JSONL file or folder, a list of texts, or an (n, seq) tensor of
+    token windows) to the SQLite file `path`, replacing it atomically. `sae_path` is recorded to
+    name the SAE (or transcoder set) in error messages."""
     model = as_loaded(model)
-    resolved = resolve_sae_site(model, sae, site)
+    reader = _reader(model, sae, site)
     windows = _windows(model, corpus, n_contexts, context_length)
-    stats = FeatureStats(sae.cfg.d_sae, windows.shape[1], n_top=n_top, n_bins=n_bins)
-    harvester = Harvester(model, [resolved.name], drop_special_tokens=False)
+    stats = FeatureStats(reader.d_sae, windows.shape[1], n_top=n_top, n_bins=n_bins)
+    harvester = Harvester(model, [reader.site.name], drop_special_tokens=False)
     keep_all = _keep(model, windows, skip_special_tokens)
     for start in progress_items(range(0, windows.shape[0], batch_size), progress, desc="features", unit="batch"):
         ids = windows[start:start + batch_size]
-        acts = _latents(sae, harvester, resolved, ids, start)
+        acts = _latents(reader, harvester, ids, start)
         stats.update(acts, keep_all[start:start + batch_size], torch.arange(start, start + ids.shape[0]))
-    effects = top_logit_effects(model, sae, resolved, k=n_logits, fold_norm=fold_norm)
+    effects = top_logit_effects(model, sae, reader.site, k=n_logits, fold_norm=fold_norm)
     meta = {"format_version": FORMAT_VERSION, "type": "interplab.feature_index", "model_id": model.model_id,
-            "site": resolved.name, "d_sae": sae.cfg.d_sae, "sae_digest": sae_digest(sae), "sae_path": sae_path, "n_tokens": stats.n_tokens,
+            **reader.meta, "d_sae": reader.d_sae, "sae_path": sae_path, "n_tokens": stats.n_tokens,
             "n_contexts": int(windows.shape[0]), "context_length": int(windows.shape[1]), "n_top": n_top,
             "n_bins": n_bins, "fold_norm": fold_norm, "skip_special_tokens": skip_special_tokens}
     _write_index(Path(path), meta, stats, windows, effects, model.require_tokenizer())
@@ -252,10 +307,10 @@ def _keep(model: LoadedModel, windows: Tensor, skip_special_tokens: bool) -> Ten
     return ~special_token_mask(model, windows)
 
 
-def _latents(sae: SAE, harvester: Harvester, site: Site, ids: Tensor, first: int) -> Float[Tensor, "b seq d_sae"]:
+def _latents(reader: _Reader, harvester: Harvester, ids: Tensor, first: int) -> Float[Tensor, "b seq d_sae"]:
     chunk = harvester.run(ids, first)
-    x = chunk.acts[site.name].view(*ids.shape, -1)  # (b * seq, width) -> (b, seq, width)
-    return sae.encode(x).float().relu()
+    acts = reader.encode(chunk.acts[reader.site.name])  # (b * seq, d_sae)
+    return acts.float().relu().view(*ids.shape, -1)  # -> (b, seq, d_sae)
 
 
 def _write_index(path: Path, meta: dict, stats: FeatureStats, windows: Tensor, effects, tokenizer) -> None:
@@ -393,8 +448,9 @@ class SearchHit:
 class FeatureIndex:
     """Read access to a feature index written by `build_feature_index`."""
 
-    def __init__(self, path, *, sae: SAE | None = None) -> None:
-        """Open the index read-only; with `sae`, first check that the index was built from it."""
+    def __init__(self, path, *, sae: SAE | Transcoder | None = None) -> None:
+        """Open the index read-only; with `sae` (an SAE or a Transcoder), first check that the index
+        was built from it."""
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} does not exist; build it with `interplab sae features` or build_feature_index")
@@ -417,27 +473,52 @@ class FeatureIndex:
                 self.db.close()
                 raise
 
-    def check_sae(self, sae: SAE, *, site: str | None = None) -> None:
-        """Refuse an SAE other than the one this index was built from (its labels and statistics
-        would be another SAE's): the latent count, the site and the weights' digest must match."""
-        built_site = self.meta.get("site")
-        used_site = site or sae.cfg.site
+    @property
+    def kind(self) -> str:
+        """'sae' or 'transcoder': what the index's latents are of (indexes before this field: 'sae')."""
+        return self.meta.get("kind", "sae")
+
+    def check_sae(self, sae: SAE | Transcoder, *, site: str | None = None) -> None:
+        """Refuse an SAE or transcoder other than the one this index was built from (its labels and
+        statistics would be another's): the kind, the latent count, the site (an SAE's) or layer (a
+        transcoder's) and the weights' digest must match."""
+        kind = "transcoder" if isinstance(sae, Transcoder) else "sae"
+        if kind != self.kind:
+            raise UserInputError(f"the feature index {self.path} is of {'an SAE' if self.kind == 'sae' else 'a transcoder'}, "
+                                 f"not of {'an SAE' if kind == 'sae' else 'a transcoder'}: use the index built from "
+                                 "this one, or build one with `interplab sae features`")
         problems = []
         if int(self.meta["d_sae"]) != sae.cfg.d_sae:
             problems.append(f"d_sae {self.meta['d_sae']} there, {sae.cfg.d_sae} here")
+        problems += self._check_transcoder(sae) if kind == "transcoder" else self._check_site_digest(sae, site)
+        if problems:
+            built_from = self.meta.get("sae_path") or f"another {'SAE' if kind == 'sae' else 'transcoder'}"
+            this = "this SAE" if kind == "sae" else f"this layer-{sae.cfg.layer} transcoder"
+            raise UserInputError(f"the feature index {self.path} was built from {built_from}, not from {this} "
+                                 f"({'; '.join(problems)}): its labels would be wrong. Use the index built "
+                                 "from it, or build one with `interplab sae features`")
+
+    def _check_site_digest(self, sae: SAE, site: str | None) -> list[str]:
+        built_site, used_site = self.meta.get("site"), site or sae.cfg.site
+        problems = []
         if used_site and built_site and used_site != built_site:
             problems.append(f"site {built_site} there, {used_site} here")
         recorded = self.meta.get("sae_digest")
         if recorded is None:
             warnings.warn(f"{self.path} was built before indexes recorded their SAE's digest; interplab cannot "
-                          "check that it belongs to this SAE. Rebuild it to be sure.", UserWarning, stacklevel=3)
+                          "check that it belongs to this SAE. Rebuild it to be sure.", UserWarning, stacklevel=4)
         elif recorded != sae_digest(sae):
             problems.append(f"weights digest {recorded} there, {sae_digest(sae)} here")
-        if problems:
-            built_from = self.meta.get("sae_path") or "another SAE"
-            raise UserInputError(f"the feature index {self.path} was built from {built_from}, not from this SAE "
-                                 f"({'; '.join(problems)}): its labels would be wrong. Use the index built "
-                                 "from this SAE, or build one with `interplab sae features`")
+        return problems
+
+    def _check_transcoder(self, transcoder: Transcoder) -> list[str]:
+        problems = []
+        if int(self.meta["layer"]) != transcoder.cfg.layer:
+            problems.append(f"layer {self.meta['layer']} there, {transcoder.cfg.layer} here")
+        digest = transcoder_digest(transcoder)
+        if self.meta["transcoder_digest"] != digest:
+            problems.append(f"weights digest {self.meta['transcoder_digest']} there, {digest} here")
+        return problems
 
     def __enter__(self) -> "FeatureIndex":
         return self

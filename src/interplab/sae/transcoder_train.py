@@ -52,11 +52,15 @@ def check_layers(model: LoadedModel, layers: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
+def mlp_input(model: LoadedModel, raw: Tensor, layer: int) -> Tensor:
+    """The MLP's input (float32, CPU) from rows harvested at `mlp_input_site`: through the pre-MLP norm."""
+    return mlp_norm(model, layer)(raw.to(device=model.device, dtype=model.dtype)).float().cpu()
+
+
+@torch.no_grad()
 def mlp_pairs(model: LoadedModel, chunk, layer: int) -> tuple[Tensor, Tensor]:
     """(MLP input, MLP output) rows of one layer from a harvested chunk."""
-    norm = mlp_norm(model, layer)
-    raw = chunk.acts[model.site(mlp_input_site(model, layer)).name]
-    x = norm(raw.to(device=model.device, dtype=model.dtype)).float().cpu()
+    x = mlp_input(model, chunk.acts[model.site(mlp_input_site(model, layer)).name], layer)
     return x, chunk.acts[f"blocks.{layer}.hook_mlp_out"].float()
 
 
