@@ -4,6 +4,8 @@ transcoder (or an SAE)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,32 @@ def test_a_transcoder_for_another_model_is_refused_before_the_model_runs(llama, 
     with pytest.raises(UserInputError, match="valid 0..2"):
         build_feature_index(llama, _transcoder(0, layer=7), windows, tmp_path / "f.db")
     assert not (tmp_path / "f.db").exists()
+
+
+def test_cli_indexes_a_transcoder_set_layer_next_to_the_set(tinystories, corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from interplab.cli import app
+    from interplab.sae.transcoder import save_transcoders
+
+    width = tinystories.d_model
+    tcs = {L: Transcoder(TranscoderConfig(d_in=width, d_out=width, d_sae=16, layer=L, k=4,
+                                          model_id=str(tinystories.model_id)), generator=torch.Generator().manual_seed(L))
+           for L in range(2)}
+    folder = save_transcoders(tcs, tmp_path / "tc")
+    runner = CliRunner()
+    args = ["sae", "features", str(folder), "--corpus", str(corpus), "--n-contexts", "6", "--context-length", "12"]
+    result = runner.invoke(app, [*args, "--layer", "1"])
+    assert result.exit_code == 0, result.output
+    with FeatureIndex(folder / "features-1.db", sae=tcs[1]) as index:
+        assert index.kind == "transcoder" and index.meta["n_contexts"] == 6
+    with pytest.raises(UserInputError, match="layer 1 there, 0 here"):
+        FeatureIndex(folder / "features-1.db", sae=tcs[0])
+    for extra, message in ((["--layer", "1"], "already exists"), ([], "pass --layer: the transcoder set"),
+                           (["--layer", "4"], r"--layer 4 is not in the set: .* has layers \[0, 1\]"),
+                           (["--layer", "0", "--site", "blocks.0.hook_resid_mid"], "--site is for SAEs")):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert re.search(message, " ".join(result.output.split())), result.output
+    result = runner.invoke(app, ["sae", "features", str(tmp_path), "--corpus", str(corpus), "--layer", "0"])
+    assert result.exit_code == 2 and "--layer is for a transcoder set folder" in result.output

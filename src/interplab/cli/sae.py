@@ -48,7 +48,7 @@ def _user_errors():
 def _load_model(name: str | None, sae=None):
     chosen = name or (sae.cfg.model_id if sae is not None else None)
     if not chosen:
-        raise UserInputError("the SAE does not say which model it was trained on; pass --model")
+        raise UserInputError("the SAE (or transcoder) does not say which model it was trained on; pass --model")
     return load_model(chosen)
 
 
@@ -225,11 +225,17 @@ def eval_(
 
 @app.command("features")
 def features(
-    sae_path: SaePath,
+    sae_path: Annotated[Path, typer.Argument(help="An SAE folder (interplab, SAELens or sparsify layout), or a "
+                                                  "transcoder set folder (from `interplab sae transcoders`) with --layer.",
+                                             show_default=False)],
     corpus: CorpusOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The SQLite file to write.")] = Path("features.db"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The SQLite file to write. [default: features.db; "
+                                                "for a transcoder set, FOLDER/features-<L>.db, where `interplab serve "
+                                                "--transcoders` finds it]", show_default=False)] = None,
     model: ArtifactModelOpt = None,
     site: SiteOpt = None,
+    layer: Annotated[Optional[int], typer.Option(help="The layer whose transcoder to index (transcoder sets only).",
+                                                 show_default=False)] = None,
     n_contexts: NContextsOpt = 1024,
     context_length: ContextLengthOpt = CONTEXT_LENGTH,
     n_top: Annotated[int, typer.Option(help="Top contexts kept per latent.")] = 20,
@@ -237,13 +243,14 @@ def features(
     fold_norm: Annotated[bool, typer.Option(help="Fold the final norm's weight into logit effects.")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Build the feature index: top contexts, histograms, density, logit effects and labels."""
+    """Build the feature index: top contexts, histograms, density, logit effects and labels, of an
+    SAE's latents or of one transcoder layer's."""
     from interplab.sae.features import build_feature_index
 
     for value, option in ((n_contexts, "--n-contexts"), (context_length, "--context-length"), (n_top, "--n-top"),
                           (batch_size, "--batch-size")):
         check_positive(value, option)
-    sae = _load_sae(sae_path, site)
+    sae, out = _index_source(sae_path, site, layer, out)
     prepare_out(out, overwrite)
     handle = _load_model(model, sae)
     index = build_feature_index(handle, sae, corpus, out, site=site, n_contexts=n_contexts,
@@ -252,6 +259,33 @@ def features(
     alive = index.db.execute("SELECT COUNT(*) FROM features WHERE fire_count > 0").fetchone()[0]
     _console().print(f"indexed {index.meta['n_tokens']} tokens; {alive} of {index.d_sae} latents fired; wrote {out}")
     index.close()
+
+
+def _index_source(path: Path, site: str | None, layer: int | None, out: Path | None):
+    """(the SAE or transcoder to index, the file to write), checked before the model loads."""
+    from interplab.sae.transcoder import SET_FILE
+
+    if not (path / SET_FILE).is_file():
+        if layer is not None:
+            raise UserInputError(f"--layer is for a transcoder set folder (one with {SET_FILE}); {path} is not one. "
+                                 "An SAE reads the site in its config (or --site)")
+        return _load_sae(path, site), out or Path("features.db")
+    if site is not None:
+        raise UserInputError("--site is for SAEs: a transcoder reads the MLP input of its layer; give --layer")
+    from interplab.sae.features import transcoder_index_path
+
+    return _set_transcoder(path, layer), out or transcoder_index_path(path, layer)
+
+
+def _set_transcoder(folder: Path, layer: int | None):
+    from interplab.files import read_json_object
+    from interplab.sae.transcoder import SET_FILE, load_transcoder
+
+    layers = [int(L) for L in read_json_object(folder / SET_FILE, what="transcoder set").get("layers", [])]
+    if layer not in layers:
+        what = "pass --layer" if layer is None else f"--layer {layer} is not in the set"
+        raise UserInputError(f"{what}: the transcoder set {folder} has layers {layers}")
+    return load_transcoder(folder / f"layer_{layer}")
 
 
 @app.command("inspect")

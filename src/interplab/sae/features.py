@@ -246,6 +246,12 @@ def _transcoder_reader(model: LoadedModel, transcoder: Transcoder, site: str | N
                                              "transcoder_digest": transcoder_digest(transcoder)})
 
 
+def transcoder_index_path(folder, layer: int) -> Path:
+    """Where a transcoder set keeps the feature index of one layer: FOLDER/features-<L>.db, written
+    there by `interplab sae features FOLDER --layer L` and picked up by `interplab serve --transcoders`."""
+    return Path(folder) / f"features-{layer}.db"
+
+
 def transcoder_digest(transcoder: Transcoder) -> str:
     """The digest of a transcoder's tensors: its identity for a feature index."""
     return tensors_digest(transcoder.state_dict())
