@@ -26,10 +26,25 @@ def client(tmp_path_factory):
     from interplab.serve.server import build_state
 
     folder = save_transcoders(_transcoders(), tmp_path_factory.mktemp("tc") / "tc")
+    _index_layer_2(folder)
     state = build_state(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={},
                         max_graph_tokens=10, max_graph_features=40)
     with TestClient(create_app(state)) as test_client:
         yield test_client
+
+
+def _windows():
+    ids = torch.randint(4, 96, (16, 10), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = 1
+    return ids
+
+
+def _index_layer_2(folder):
+    """The layer-2 feature index where the server looks for it (layer 0 is left without one)."""
+    from interplab.sae.features import build_feature_index, transcoder_index_path
+
+    build_feature_index(tiny_model("llama"), _transcoders()[2], _windows(), transcoder_index_path(folder, 2),
+                        n_top=4, n_bins=8).close()
 
 
 def _library_graph(target=None, node_threshold=0.8, edge_threshold=0.98, cap=40):
@@ -59,7 +74,7 @@ def _assert_same_graph(got: dict, want: dict) -> None:
 
 def test_graph_route_returns_the_library_graph(client):
     info = client.get("/api/info").json()
-    assert info["transcoders"] == [{"name": "tc", "layers": [0, 2], "d_sae": {"0": 64, "2": 64},
+    assert info["transcoders"] == [{"name": "tc", "layers": [0, 2], "indexed_layers": [2], "d_sae": {"0": 64, "2": 64},
                                     "family": ["topk"], "skip": True, "model_id": None}]
     r = client.post("/api/graph", json={"prompt": PROMPT})
     assert r.status_code == 200, r.text
@@ -85,6 +100,40 @@ def test_feature_logit_effects_follow_the_unembedding(client):
     assert [t for t, _ in card["promoted"]] == [model.tokenizer.decode([int(i)]) for i in top.indices]
     torch.testing.assert_close(torch.tensor([v for _, v in card["promoted"]]), top.values, rtol=1e-5, atol=1e-6)
     assert card["suppressed"][0][1] == pytest.approx(float(effects.min()), rel=1e-5)
+
+
+def test_feature_card_has_the_top_contexts_of_the_layers_index(client, tmp_path):
+    """With FOLDER/features-2.db, layer 2's cards carry the index's top contexts, each the transcoder's
+    latents on the window's real MLP input; layer 0 has no index, so its cards say so (index null)."""
+    from interplab.sae.features import build_feature_index
+
+    reference = build_feature_index(tiny_model("llama"), _transcoders()[2], _windows(), tmp_path / "ref.db",
+                                    n_top=4, n_bins=8)
+    feature = next(f for f in range(64) if reference.summary(f).fire_count > 0)
+    card = client.get(f"/api/transcoders/tc/layers/2/features/{feature}?contexts=3").json()
+    want = reference.top_contexts(feature, 3)
+    got = card["index"]["contexts"]
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert (g["tokens"], g["max_pos"], g["acts"]) == (w.tokens, w.max_pos, w.acts)
+        assert g["activation"] == pytest.approx(w.activation) and g["acts"][g["max_pos"]] == max(g["acts"])
+    assert card["index"]["max_act"] == pytest.approx(reference.summary(feature).max_act)
+    assert card["promoted"] and client.get("/api/transcoders/tc/layers/0/features/3").json()["index"] is None
+    reference.close()
+
+
+def test_an_index_of_other_transcoders_is_refused_at_start(tmp_path):
+    import shutil
+
+    from interplab.errors import UserInputError
+    from interplab.sae.transcoder import save_transcoders
+    from interplab.serve.server import build_state
+
+    folder = save_transcoders(_transcoders(), tmp_path / "tc")
+    _index_layer_2(folder)
+    shutil.copy(folder / "features-2.db", folder / "features-0.db")  # layer 2's index where layer 0's belongs
+    with pytest.raises(UserInputError, match="features-0.db was built from .*layer 2 there, 0 here"):
+        build_state(tiny_model("llama"), transcoders={"tc": str(folder)}, datasets={})
 
 
 @pytest.mark.parametrize("method, path, body, status, words", [

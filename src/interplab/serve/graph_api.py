@@ -1,5 +1,6 @@
-"""Attribution graphs in the workbench: the transcoder sets, a graph for a prompt, and the logit
-effects of one transcoder feature (for the feature's card).
+"""Attribution graphs in the workbench: the transcoder sets, a graph for a prompt, and the card of
+one transcoder feature (its logit effects, and its top contexts when the set has a feature index
+for the layer).
 
 A graph is built by `interplab.graph` itself (`attribute` then `prune`), in a worker thread under
 the engine's `model_lock`, and answered as the same JSON as `interplab sae graph` writes
@@ -29,8 +30,9 @@ def router(state: ServerState) -> APIRouter:
         return await run_in_threadpool(build_graph, state, body)
 
     @api.get("/transcoders/{name}/layers/{layer}/features/{feature}")
-    async def feature_effects(name: str, layer: int, feature: int, n: int = 10):
-        return await run_in_threadpool(logit_effects, state, name, layer, feature, max(1, min(n, 50)))
+    async def feature_card(name: str, layer: int, feature: int, n: int = 10, contexts: int = 8):
+        return await run_in_threadpool(transcoder_card, state, name, layer, feature, max(1, min(n, 50)),
+                                       max(1, min(contexts, 50)))
 
     return api
 
@@ -63,13 +65,31 @@ def build_graph(state: ServerState, body: GraphRequest) -> dict:
     return pruned.to_dict()
 
 
+def transcoder_card(state: ServerState, name: str, layer: int, feature: int, n: int, n_contexts: int) -> dict:
+    """A transcoder feature's card: its logit effects and, when the set has a feature index for the
+    layer, its top contexts (per-token activations), density and histogram under "index" (else null)."""
+    from interplab.serve.workbench_api import card_data
+
+    card = logit_effects(state, name, layer, feature, n)
+    index = state.transcoders.index(name, layer)
+    if index is None:
+        return {**card, "index": None}
+    try:
+        data = card_data(index, feature, n_contexts)
+    finally:
+        index.close()
+    keep = ("label", "density", "fire_count", "max_act", "mean_act", "contexts", "histogram")
+    return {**card, "index": {key: data[key] for key in keep}}
+
+
 def logit_effects(state: ServerState, name: str, layer: int, feature: int, n: int) -> dict:
     """The tokens a transcoder feature promotes and suppresses: W_U (γ ⊙ W_dec[f] / s_out), what
     one unit of its activation adds to the logits through the final norm's weight γ (its 1/rms
     left out, as in the SAE feature cards)."""
     import torch
 
-    from interplab.sae.features import final_norm_scale
+    from interplab.sae.features import logit_effect_matrix
+    from interplab.sae.transcoder_train import mlp_input_site
 
     transcoder = state.transcoders.transcoder(name, layer)
     d_sae = transcoder.cfg.d_sae
@@ -77,13 +97,9 @@ def logit_effects(state: ServerState, name: str, layer: int, feature: int, n: in
         raise APIError(400, f"feature {feature} is out of range: the layer-{layer} transcoder of {name!r} has {d_sae} "
                             f"latents (valid 0..{d_sae - 1})", param="feature", code="feature_out_of_range")
     model = state.model
-    unembed = model.unembed.weight.detach()
+    site = model.site(mlp_input_site(model, layer))
     with torch.no_grad():
-        direction = (transcoder.W_dec[feature].detach() / transcoder.output_scale).to(unembed.device)  # (d_model,)
-        gamma = final_norm_scale(model)
-        if gamma is not None:
-            direction = direction * gamma.to(direction.dtype)
-        effects = (unembed @ direction.to(unembed.dtype)).float().cpu()  # (vocab,)
+        effects = logit_effect_matrix(model, transcoder, site, torch.tensor([feature]))[0].float().cpu()  # (vocab,)
     k = min(n, effects.shape[0])
     up, down = effects.topk(k), (-effects).topk(k)
     decode = model.require_tokenizer().decode

@@ -159,6 +159,8 @@ class TranscoderRegistry:
 
     sets: dict[str, dict] = field(default_factory=dict)
     """name -> {layer: Transcoder}."""
+    index_paths: dict[str, dict[int, Path]] = field(default_factory=dict)
+    """name -> {layer: the layer's feature index}, for the layers that have one."""
 
     def get(self, name: str | None, param: str = "transcoders") -> tuple[str, dict]:
         """The set called `name` (None: the only one), or a 404 that lists the known sets."""
@@ -177,8 +179,18 @@ class TranscoderRegistry:
                                 f"{sorted(layers)}", param="layer", code="layer_not_found")
         return layers[layer]
 
+    def index(self, name: str, layer: int):
+        """A fresh read-only connection to the layer's feature index (checked against its transcoder),
+        or None when the set has no index for that layer."""
+        from interplab.sae.features import FeatureIndex
+
+        transcoder = self.transcoder(name, layer)
+        name, _ = self.get(name)
+        path = self.index_paths.get(name, {}).get(layer)
+        return None if path is None else FeatureIndex(path, sae=transcoder)
+
     def describe(self) -> list[dict]:
-        return [{"name": name, "layers": sorted(layers),
+        return [{"name": name, "layers": sorted(layers), "indexed_layers": sorted(self.index_paths.get(name, {})),
                  "d_sae": {str(L): tc.cfg.d_sae for L, tc in sorted(layers.items())},
                  "family": sorted({tc.cfg.family for tc in layers.values()}),
                  "skip": any(tc.cfg.skip for tc in layers.values()),
@@ -187,7 +199,10 @@ class TranscoderRegistry:
 
 
 def load_transcoder_sets(model: LoadedModel, specs: dict[str, str]) -> TranscoderRegistry:
-    """Transcoder sets from --transcoders NAME=FOLDER, checked against the model's width and depth."""
+    """Transcoder sets from --transcoders NAME=FOLDER, checked against the model's width and depth,
+    with the feature index of each layer that has one in the folder (features-<L>.db, written by
+    `interplab sae features FOLDER --layer L`; one built from other transcoders is refused)."""
+    from interplab.sae.features import FeatureIndex, transcoder_index_path
     from interplab.sae.transcoder import load_transcoders
 
     registry = TranscoderRegistry()
@@ -202,4 +217,10 @@ def load_transcoder_sets(model: LoadedModel, specs: dict[str, str]) -> Transcode
                                  f"d_in={tc.cfg.d_in}, writes d_out={tc.cfg.d_out}, but {model.model_id} has "
                                  f"{model.n_layers} blocks of width {model.d_model}")
         registry.sets[name] = layers  # kept where `interplab sae graph` keeps them: interplab.graph works on CPU copies
+        registry.index_paths[name] = {}
+        for layer, tc in layers.items():
+            path = transcoder_index_path(folder, layer)
+            if path.is_file():
+                FeatureIndex(path, sae=tc).close()  # refuses an index left from other transcoders
+                registry.index_paths[name][layer] = path
     return registry
