@@ -75,6 +75,7 @@ def ts_transcoders(tinystories, tmp_path_factory):
     scales set from the model's MLP inputs and outputs on a sample (untrained, but their features
     write as much as the MLPs do, so the graphs have feature-to-feature edges worth drawing)."""
     from interplab.cache import capture
+    from interplab.sae.features import build_feature_index, transcoder_index_path
     from interplab.sae.transcoder import Transcoder, TranscoderConfig, save_transcoders
 
     text = " ".join(open(_sample(), encoding="utf-8").read().split("\n")[:8])
@@ -89,7 +90,12 @@ def ts_transcoders(tinystories, tmp_path_factory):
             x = tinystories.block_module(L, tinystories.arch.ln2)(cache[f"blocks.{L}.hook_resid_mid"][0])  # the MLP input
         tc.init_from_data_(x, cache[f"blocks.{L}.hook_mlp_out"][0])
         transcoders[L] = tc
-    return save_transcoders(transcoders, tmp_path_factory.mktemp("transcoders") / "tc")
+    folder = save_transcoders(transcoders, tmp_path_factory.mktemp("transcoders") / "tc")
+    texts = [line for line in open(_sample(), encoding="utf-8").read().split("\n") if line.strip()][:100]
+    for L, tc in transcoders.items():  # each layer's feature index, where the server looks for it
+        build_feature_index(tinystories, tc, texts, transcoder_index_path(folder, L), n_contexts=24,
+                            context_length=24, n_top=5, n_bins=8).close()
+    return folder
 
 
 @pytest.fixture(scope="session")

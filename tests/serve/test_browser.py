@@ -146,6 +146,7 @@ def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, ti
     from selenium.webdriver.common.by import By
 
     from interplab.files import write_json
+    from interplab.sae.features import FeatureIndex, transcoder_index_path
 
     expected = _library_graph(tinystories, ts_transcoders)
     browser.get(server.url + "/")
@@ -168,6 +169,13 @@ def test_graph_view_draws_the_graph_and_shows_a_feature_card(browser, server, ti
     assert card.startswith(_label(node)) and f"influence {node['influence']:.4f}" in card
     inputs = browser.find_elements(By.CSS_SELECTOR, "#graph-card .graph-inputs tr")  # its strongest inputs
     assert inputs
+    # the layer's feature index (features-<L>.db in the set's folder) adds the top contexts, maximum marked
+    contexts = browser.find_elements(By.CSS_SELECTOR, "#graph-card .graph-contexts .ctx")
+    with FeatureIndex(transcoder_index_path(ts_transcoders, node["layer"])) as index:
+        top = index.top_contexts(node["feature"], 6)
+    assert len(contexts) == len(top) > 0
+    marked = [c.find_element(By.CSS_SELECTOR, ".tok.max").text.strip() for c in contexts]
+    assert marked == [t.tokens[t.max_pos].strip() for t in top]
     shot(browser, "graph.png")
     source = expected["nodes"][int(inputs[0].get_attribute("data-i"))]
     inputs[0].click()  # a row of the card opens that node's card

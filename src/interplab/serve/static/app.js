@@ -168,13 +168,17 @@ function tokenSpan(token, act, max, isMax) {
   return `<span class="tok${isMax ? " max" : ""}${alpha > 0 ? " lit" : ""}"${style} title="${act.toFixed(3)}">${escapeHtml(token)}</span>`;
 }
 
-function renderCard(sae, c) {
-  const max = c.max_act || 1;
-  const contexts = c.contexts.map((ctx) => {
+// top contexts: the tokens around each window's maximum, shaded by activation, the maximum marked
+function contextRows(contexts, max) {
+  return contexts.map((ctx) => {
     const lo = Math.max(0, ctx.max_pos - 16), hi = Math.min(ctx.tokens.length, ctx.max_pos + 6);
     const spans = ctx.tokens.slice(lo, hi).map((t, i) => tokenSpan(t, ctx.acts[lo + i], max, lo + i === ctx.max_pos));
     return `<div class="ctx"><span class="value">${ctx.activation.toFixed(2)}</span>${spans.join("")}</div>`;
   }).join("") || "<p>No context activates this feature.</p>";
+}
+
+function renderCard(sae, c) {
+  const contexts = contextRows(c.contexts, c.max_act || 1);
   const table = (title, rows, cls) => `<div><h3>${title}</h3><table>${rows.map(([t, v]) =>
     `<tr><td>${escapeHtml(JSON.stringify(t))}</td><td class="${cls}">${v.toFixed(3)}</td></tr>`).join("")}</table></div>`;
   $("feature-card").innerHTML = `
@@ -244,11 +248,20 @@ function showGraph(G, transcoders) {
 
 async function graphFeatureEffects(transcoders, node) {
   if (node.kind !== "feature") return "";
-  const r = await api(`/api/transcoders/${encodeURIComponent(transcoders)}/layers/${node.layer}/features/${node.feature}?n=8`);
+  const r = await api(`/api/transcoders/${encodeURIComponent(transcoders)}/layers/${node.layer}/features/${node.feature}?n=8&contexts=6`);
   const rows = (list, cls) => list.map(([t, v]) => `<tr><td>${escapeHtml(JSON.stringify(t))}</td><td class="${cls}">${v.toFixed(3)}</td></tr>`).join("");
   return `<h4>logit effects <span class="muted">(per unit of activation)</span></h4><div class="effects">
     <div><h4>Promotes</h4><table class="graph-promoted">${rows(r.promoted, "pos")}</table></div>
-    <div><h4>Suppresses</h4><table>${rows(r.suppressed, "neg")}</table></div></div>`;
+    <div><h4>Suppresses</h4><table>${rows(r.suppressed, "neg")}</table></div></div>` + graphTopContexts(r.index, node.layer);
+}
+
+function graphTopContexts(index, layer) {
+  if (!index) {
+    return `<p class="muted">No top contexts: this layer has no feature index (build one with
+      <code>interplab sae features FOLDER --layer ${layer} --corpus ...</code>).</p>`;
+  }
+  return `<h4>top contexts <span class="muted">(indexed corpus · density ${(100 * index.density).toFixed(3)}% ·
+    max ${(index.max_act || 0).toFixed(3)})</span></h4><div class="graph-contexts">${contextRows(index.contexts, index.max_act || 1)}</div>`;
 }
 
 $("graph-build").addEventListener("click", async () => {
