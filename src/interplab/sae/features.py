@@ -31,7 +31,7 @@ import re
 import sqlite3
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +213,7 @@ class _Reader:
     identifies the SAE or transcoder (checked by FeatureIndex.check_sae)."""
 
     site: Site
-    encode: object
+    encode: Callable[[Tensor], Tensor]
     """(rows, width) harvested at `site` -> (rows, d_sae) latent activations."""
     d_sae: int
     meta: dict
@@ -490,9 +490,9 @@ class FeatureIndex:
         transcoder's) and the weights' digest must match."""
         kind = "transcoder" if isinstance(sae, Transcoder) else "sae"
         if kind != self.kind:
-            raise UserInputError(f"the feature index {self.path} is of {'an SAE' if self.kind == 'sae' else 'a transcoder'}, "
-                                 f"not of {'an SAE' if kind == 'sae' else 'a transcoder'}: use the index built from "
-                                 "this one, or build one with `interplab sae features`")
+            article = {"sae": "an SAE", "transcoder": "a transcoder"}
+            raise UserInputError(f"the feature index {self.path} is of {article[self.kind]}, not of {article[kind]}: "
+                                 "use the index built from this one, or build one with `interplab sae features`")
         problems = []
         if int(self.meta["d_sae"]) != sae.cfg.d_sae:
             problems.append(f"d_sae {self.meta['d_sae']} there, {sae.cfg.d_sae} here")
