@@ -125,17 +125,19 @@ def test_cli_indexes_a_transcoder_set_layer_next_to_the_set(tinystories, corpus,
     folder = save_transcoders(tcs, tmp_path / "tc")
     runner = CliRunner()
     args = ["sae", "features", str(folder), "--corpus", str(corpus), "--n-contexts", "6", "--context-length", "12"]
-    result = runner.invoke(app, [*args, "--layer", "1"])
+    result = runner.invoke(app, [*args, "--layers", "all"])
     assert result.exit_code == 0, result.output
-    with FeatureIndex(folder / "features-1.db", sae=tcs[1]) as index:
-        assert index.kind == "transcoder" and index.meta["n_contexts"] == 6
+    for layer in (0, 1):
+        with FeatureIndex(folder / f"features-{layer}.db", sae=tcs[layer]) as index:
+            assert index.kind == "transcoder" and index.meta["layer"] == layer and index.meta["n_contexts"] == 6
     with pytest.raises(UserInputError, match="layer 1 there, 0 here"):
         FeatureIndex(folder / "features-1.db", sae=tcs[0])
-    for extra, message in ((["--layer", "1"], "already exists"), ([], "pass --layer: the transcoder set"),
-                           (["--layer", "4"], r"--layer 4 is not in the set: .* has layers \[0, 1\]"),
-                           (["--layer", "0", "--site", "blocks.0.hook_resid_mid"], "--site is for SAEs")):
+    for extra, message in ((["--layers", "1"], "already exists"), ([], r"pass --layers .* has layers \[0, 1\]"),
+                           (["--layers", "1,4"], r"layers \[4\] are not in the transcoder set"),
+                           (["--layers", "0,1", "--out", str(tmp_path / "x.db")], "--out names one file"),
+                           (["--layers", "0", "--site", "blocks.0.hook_resid_mid"], "--site is for SAEs")):
         result = runner.invoke(app, [*args, *extra])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert re.search(message, " ".join(result.output.split())), result.output
-    result = runner.invoke(app, ["sae", "features", str(tmp_path), "--corpus", str(corpus), "--layer", "0"])
-    assert result.exit_code == 2 and "--layer is for a transcoder set folder" in result.output
+    result = runner.invoke(app, ["sae", "features", str(tmp_path), "--corpus", str(corpus), "--layers", "0"])
+    assert result.exit_code == 2 and "--layers is for a transcoder set folder" in result.output

@@ -226,16 +226,17 @@ def eval_(
 @app.command("features")
 def features(
     sae_path: Annotated[Path, typer.Argument(help="An SAE folder (interplab, SAELens or sparsify layout), or a "
-                                                  "transcoder set folder (from `interplab sae transcoders`) with --layer.",
+                                                  "transcoder set folder (`interplab sae transcoders`) with --layers.",
                                              show_default=False)],
     corpus: CorpusOpt,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The SQLite file to write. [default: features.db; "
-                                                "for a transcoder set, FOLDER/features-<L>.db, where `interplab serve "
-                                                "--transcoders` finds it]", show_default=False)] = None,
+                                                "for a transcoder set, FOLDER/features-<L>.db per layer, where "
+                                                "`interplab serve --transcoders` finds it]", show_default=False)] = None,
     model: ArtifactModelOpt = None,
     site: SiteOpt = None,
-    layer: Annotated[Optional[int], typer.Option(help="The layer whose transcoder to index (transcoder sets only).",
-                                                 show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Transcoder sets only: the layers to index, comma-separated "
+                                                       "or 'all' (one index and one corpus pass each).",
+                                                  show_default=False)] = None,
     n_contexts: NContextsOpt = 1024,
     context_length: ContextLengthOpt = CONTEXT_LENGTH,
     n_top: Annotated[int, typer.Option(help="Top contexts kept per latent.")] = 20,
@@ -244,48 +245,58 @@ def features(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build the feature index: top contexts, histograms, density, logit effects and labels, of an
-    SAE's latents or of one transcoder layer's."""
+    SAE's latents or of a transcoder set's layers."""
     from interplab.sae.features import build_feature_index
 
     for value, option in ((n_contexts, "--n-contexts"), (context_length, "--context-length"), (n_top, "--n-top"),
                           (batch_size, "--batch-size")):
         check_positive(value, option)
-    sae, out = _index_source(sae_path, site, layer, out)
-    prepare_out(out, overwrite)
-    handle = _load_model(model, sae)
-    index = build_feature_index(handle, sae, corpus, out, site=site, n_contexts=n_contexts,
-                                context_length=context_length, n_top=n_top, batch_size=batch_size,
-                                fold_norm=fold_norm, sae_path=str(Path(sae_path).resolve()), progress=True)
-    alive = index.db.execute("SELECT COUNT(*) FROM features WHERE fire_count > 0").fetchone()[0]
-    _console().print(f"indexed {index.meta['n_tokens']} tokens; {alive} of {index.d_sae} latents fired; wrote {out}")
-    index.close()
+    jobs = _index_jobs(sae_path, site, layers, out)
+    for _, path in jobs:
+        prepare_out(path, overwrite)
+    handle = _load_model(model, jobs[0][0])
+    for source, path in jobs:
+        index = build_feature_index(handle, source, corpus, path, site=site, n_contexts=n_contexts,
+                                    context_length=context_length, n_top=n_top, batch_size=batch_size,
+                                    fold_norm=fold_norm, sae_path=str(Path(sae_path).resolve()), progress=True)
+        alive = index.db.execute("SELECT COUNT(*) FROM features WHERE fire_count > 0").fetchone()[0]
+        _console().print(f"indexed {index.meta['n_tokens']} tokens; {alive} of {index.d_sae} latents fired; wrote {path}")
+        index.close()
 
 
-def _index_source(path: Path, site: str | None, layer: int | None, out: Path | None):
-    """(the SAE or transcoder to index, the file to write), checked before the model loads."""
+def _index_jobs(path: Path, site: str | None, layers: str | None, out: Path | None) -> list[tuple]:
+    """[(the SAE or transcoder to index, the file to write)], checked before the model loads."""
+    from interplab.sae.features import transcoder_index_path
     from interplab.sae.transcoder import SET_FILE
 
     if not (path / SET_FILE).is_file():
-        if layer is not None:
-            raise UserInputError(f"--layer is for a transcoder set folder (one with {SET_FILE}); {path} is not one. "
+        if layers is not None:
+            raise UserInputError(f"--layers is for a transcoder set folder (one with {SET_FILE}); {path} is not one. "
                                  "An SAE reads the site in its config (or --site)")
-        return _load_sae(path, site), out or Path("features.db")
+        return [(_load_sae(path, site), out or Path("features.db"))]
     if site is not None:
-        raise UserInputError("--site is for SAEs: a transcoder reads the MLP input of its layer; give --layer")
-    from interplab.sae.features import transcoder_index_path
+        raise UserInputError("--site is for SAEs: a transcoder reads the MLP input of its layer; give --layers")
+    transcoders = _set_transcoders(path, layers)
+    if out is not None and len(transcoders) > 1:
+        raise UserInputError(f"--out names one file, but {len(transcoders)} layers are indexed; leave --out out "
+                             "(each goes to FOLDER/features-<L>.db) or give one layer")
+    return [(tc, out or transcoder_index_path(path, layer)) for layer, tc in transcoders.items()]
 
-    return _set_transcoder(path, layer), out or transcoder_index_path(path, layer)
 
-
-def _set_transcoder(folder: Path, layer: int | None):
+def _set_transcoders(folder: Path, layers: str | None) -> dict:
+    from interplab.cli.decomp import _ints
     from interplab.files import read_json_object
     from interplab.sae.transcoder import SET_FILE, load_transcoder
 
-    layers = [int(L) for L in read_json_object(folder / SET_FILE, what="transcoder set").get("layers", [])]
-    if layer not in layers:
-        what = "pass --layer" if layer is None else f"--layer {layer} is not in the set"
-        raise UserInputError(f"{what}: the transcoder set {folder} has layers {layers}")
-    return load_transcoder(folder / f"layer_{layer}")
+    known = [int(L) for L in read_json_object(folder / SET_FILE, what="transcoder set").get("layers", [])]
+    if layers is None:
+        raise UserInputError(f"pass --layers (e.g. --layers all): the transcoder set {folder} has layers {known}")
+    chosen = known if layers.strip() == "all" else _ints(layers, "--layers", minimum=0)
+    missing = sorted(set(chosen) - set(known))
+    if missing:
+        raise UserInputError(f"--layers {layers}: layers {missing} are not in the transcoder set {folder}, "
+                             f"which has layers {known}")
+    return {layer: load_transcoder(folder / f"layer_{layer}") for layer in dict.fromkeys(chosen)}
 
 
 @app.command("inspect")

@@ -248,7 +248,7 @@ def _transcoder_reader(model: LoadedModel, transcoder: Transcoder, site: str | N
 
 def transcoder_index_path(folder, layer: int) -> Path:
     """Where a transcoder set keeps the feature index of one layer: FOLDER/features-<L>.db, written
-    there by `interplab sae features FOLDER --layer L` and picked up by `interplab serve --transcoders`."""
+    there by `interplab sae features FOLDER --layers L` and picked up by `interplab serve --transcoders`."""
     return Path(folder) / f"features-{layer}.db"
 
 

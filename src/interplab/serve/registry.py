@@ -201,7 +201,7 @@ class TranscoderRegistry:
 def load_transcoder_sets(model: LoadedModel, specs: dict[str, str]) -> TranscoderRegistry:
     """Transcoder sets from --transcoders NAME=FOLDER, checked against the model's width and depth,
     with the feature index of each layer that has one in the folder (features-<L>.db, written by
-    `interplab sae features FOLDER --layer L`; one built from other transcoders is refused)."""
+    `interplab sae features FOLDER --layers L`; one built from other transcoders is refused)."""
     from interplab.sae.features import FeatureIndex, transcoder_index_path
     from interplab.sae.transcoder import load_transcoders
 

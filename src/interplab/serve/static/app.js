@@ -258,7 +258,7 @@ async function graphFeatureEffects(transcoders, node) {
 function graphTopContexts(index, layer) {
   if (!index) {
     return `<p class="muted">No top contexts: this layer has no feature index (build one with
-      <code>interplab sae features FOLDER --layer ${layer} --corpus ...</code>).</p>`;
+      <code>interplab sae features FOLDER --layers ${layer} --corpus ...</code>).</p>`;
   }
   return `<h4>top contexts <span class="muted">(indexed corpus · density ${(100 * index.density).toFixed(3)}% ·
     max ${(index.max_act || 0).toFixed(3)})</span></h4><div class="graph-contexts">${contextRows(index.contexts, index.max_act || 1)}</div>`;
