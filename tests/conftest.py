@@ -60,6 +60,16 @@ def llama():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """The tiny llama saved as a local HF folder, so the CLI can load it by path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return Path(os.environ["INTERPLAB_SHARED"])
 

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from interplab.cli import app
 from interplab.cli.errors import InterplabGroup, user_error_message
 from interplab.cli.options import CONTEXT_LENGTH, DEFAULT_MODEL, MAX_NEW_TOKENS, N_PROMPTS, POSITIONS
-from tests.tiny import tiny_model
 
 runner = CliRunner()
 
@@ -98,15 +97,6 @@ def test_version():
 
 
 # --- one error path ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama")
-    model.hf.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
-    return str(folder)
-
 
 BAD_INPUT = [
     (["models", "--bogus"], "No such option"),

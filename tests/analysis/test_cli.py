@@ -5,19 +5,8 @@ from typer.testing import CliRunner
 
 from interplab.cli import app
 from tests.analysis.tiny_tasks import tiny_task
-from tests.tiny import tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny llama saved as a local HF folder, so the CLI can load it by path."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama")
-    model.hf.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
