@@ -146,7 +146,7 @@ def _linear_mlp(rm, edits):
 def _constrained_mlp(rm, edits, crossings: list[int]):
     """Every latent through the transcoder's activation (edited ones clamped), error terms fixed;
     counts into crossings[0] the latents whose on/off state differs from the real run."""
-    errors = {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in rm.transcoders.items()}
+    errors = _transcoder_errors(rm)
 
     def mlp(L: int, x: Tensor) -> Tensor:
         tc = rm.transcoders.get(L)
@@ -167,7 +167,7 @@ def _free_logit(rm, edits, token: int, position: int) -> float:
     from interplab.sae.transcoder_train import splice_fns
 
     model, transcoders = rm.model, rm.transcoders
-    errors = {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in transcoders.items()}
+    errors = _transcoder_errors(rm)
 
     def replace(layer, x, y):
         tc = transcoders[layer]
@@ -185,6 +185,12 @@ def _free_logit(rm, edits, token: int, position: int) -> float:
         session.remove()
     h = model.ln_final(last["h"][0, position])  # the pre-cap logit: lm_head(ln_f(h))
     return float(model.unembed(h)[token])
+
+
+def _transcoder_errors(rm) -> dict[int, Tensor]:
+    """Per transcoder layer: real MLP output − transcoder output on the real MLP input (added back
+    so that an unmodified run is exact)."""
+    return {L: _real_output(rm, L) - tc(rm.mlp_inputs[L]) for L, tc in rm.transcoders.items()}
 
 
 def _real_output(rm, L: int) -> Tensor:
